@@ -1,0 +1,14 @@
+"""Adapters: one per family of models, each turning its attention into ``AttentionCall``s."""
+
+from __future__ import annotations
+
+from .base import Adapter, Recorder
+from .torch_nn import TorchNNAdapter
+
+
+def default_adapters() -> list[Adapter]:
+    """The adapters ``capture`` tries, in order."""
+    return [TorchNNAdapter()]
+
+
+__all__ = ["Adapter", "Recorder", "TorchNNAdapter", "default_adapters"]

@@ -1,0 +1,318 @@
+"""Adapter for PyTorch's own attention: ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers.
+
+Design note
+-----------
+What is observed (see ``attnscope.patching``; no module hook is ever registered, so the fused
+encoder kernel stays in use):
+
+- every selected ``nn.MultiheadAttention``: after its own forward ran unchanged, the weights
+  are recomputed from the very query, key and masks it was given, mirroring
+  ``F.multi_head_attention_forward`` (packed or separate projections, ``bias_k``,
+  ``add_zero_attn``, bool or float masks, the ``is_causal`` hint, unbatched and nested input);
+- every ``nn.TransformerEncoderLayer`` whose attention is selected: when its fused path
+  (``torch._transformer_encoder_layer_fwd``) ran, its ``self_attn`` was never called, so the
+  weights are recomputed from the layer's input (``norm1`` first when ``norm_first``) and
+  attributed to the ``self_attn`` name, as the slow path would have;
+- every ``nn.TransformerEncoder``: only to remember the padded shape and padding mask while it
+  runs, because on its nested-tensor path the layers see neither.
+
+Weights are those before dropout (dropout is a training-time perturbation of the weights, not
+part of what the model attends to). Rows of padded queries in self-attention are zeros.
+Restored on exit: the ``forward`` instance attributes, through the observer handles.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from ..errors import AttnScopeError
+from ..patching import Proceed, observe
+from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
+from .base import Recorder
+
+_MHA = nn.MultiheadAttention
+
+
+@dataclass
+class AttentionCall:
+    """One attention computation, ready to produce its weights on demand."""
+
+    kind: str
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    compute: Callable[[], Tensor]
+
+
+def _bind(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    bound = inspect.signature(method).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+def _padding_from_nested(nested: Tensor, length: int | None = None) -> tuple[Tensor, Tensor]:
+    """Pad a batch-first nested tensor; return it and a bool mask (True = padding)."""
+    lengths = torch.tensor([part.size(0) for part in nested.unbind()], device=nested.device)
+    total = int(lengths.max()) if length is None else length
+    padded = nested.to_padded_tensor(0.0, (len(lengths), total, nested.size(-1)))
+    padding = torch.arange(total, device=nested.device)[None, :] >= lengths[:, None]
+    return padded, padding
+
+
+def mha_call(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+    is_causal: bool = False,
+    need_weights: bool = False,
+) -> AttentionCall:
+    """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
+
+    >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    >>> x = torch.randn(3, 5, 8)
+    >>> call = mha_call(mha, x, x)
+    >>> call.kind, call.shape
+    ('self', (3, 2, 5, 5))
+    """
+    self_attention = query is key
+    if query.is_nested:  # MHA's native path takes nested self-attention, without masks
+        query, key_padding_mask = _padding_from_nested(query)
+        key = query
+    batched = query.dim() == 3
+    if batched and mha.batch_first:
+        query_lbe = query.transpose(0, 1)
+        key_lbe = query_lbe if self_attention else key.transpose(0, 1)
+    elif batched:
+        query_lbe, key_lbe = query, key
+    else:
+        query_lbe, key_lbe = query.unsqueeze(1), key.unsqueeze(1)
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    query_len, batch, _ = query_lbe.shape
+    key_len = key_lbe.size(0) + int(mha.bias_k is not None) + int(mha.add_zero_attn)
+    use_causal = is_causal and (attn_mask is None or (key_padding_mask is None and not need_weights))
+    if use_causal:
+        kind = "causal"
+    elif self_attention:
+        kind = "causal" if is_causal or is_causal_mask(attn_mask) else "self"
+    else:
+        kind = "cross"
+
+    def compute() -> Tensor:
+        with torch.no_grad():
+            return _mha_weights(
+                mha, query_lbe, key_lbe, key_padding_mask, None if use_causal else attn_mask,
+                use_causal, zero_padded_queries=self_attention,
+            )
+
+    return AttentionCall(kind, (batch, mha.num_heads, query_len, key_len), query.dtype, compute)
+
+
+def _mha_weights(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    causal: bool,
+    *,
+    zero_padded_queries: bool,
+) -> Tensor:
+    """``F.multi_head_attention_forward``'s weights, from (L, B, E) query and (S, B, E) key."""
+    query_len, batch, embed = query.shape
+    heads, head_dim = mha.num_heads, mha.head_dim
+    if mha._qkv_same_embed_dim:
+        assert mha.in_proj_weight is not None
+        w_q, w_k = mha.in_proj_weight[:embed], mha.in_proj_weight[embed : 2 * embed]
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    bias = mha.in_proj_bias
+    b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
+    q = F.linear(query, w_q, b_q)
+    k = F.linear(key, w_k, b_k)
+    dtype = q.dtype
+    mask = additive_mask(attn_mask, dtype)
+    padding = additive_mask(key_padding_mask, dtype)
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.to(k.dtype).repeat(1, batch, 1)])
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        padding = None if padding is None else F.pad(padding, (0, 1))
+    q = q.view(query_len, batch, heads, head_dim).permute(1, 2, 0, 3)
+    k = k.view(k.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
+    if mha.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        padding = None if padding is None else F.pad(padding, (0, 1))
+    key_len = k.size(2)
+    if causal:
+        mask = causal_additive_mask(query_len, key_len, dtype, q.device)
+    elif mask is not None:
+        mask = mask.view(batch, heads, query_len, key_len) if mask.dim() == 3 else mask
+    if padding is not None:
+        padding = padding.view(batch, 1, 1, key_len)
+        mask = padding if mask is None else mask + padding
+    weights = softmax_weights(q, k, math.sqrt(1.0 / float(head_dim)), mask)
+    if zero_padded_queries and key_padding_mask is not None:
+        weights = _zero_padded_rows(weights, key_padding_mask)
+    return weights
+
+
+def _zero_padded_rows(weights: Tensor, key_padding_mask: Tensor) -> Tensor:
+    query_len = weights.size(-2)
+    padded = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.isneginf()
+    if padded.size(-1) < query_len:
+        return weights
+    rows = padded[..., :query_len].reshape(weights.size(0), 1, query_len, 1)
+    return weights.masked_fill(rows, 0.0)
+
+
+def returned_weights(mha: nn.MultiheadAttention, output: Any, bound: dict[str, Any]) -> Tensor | None:
+    """The per-head weights MHA itself returned, when it returned them before any dropout."""
+    if not (bound["need_weights"] and not bound["average_attn_weights"]):
+        return None
+    if mha.training and mha.dropout > 0:
+        return None
+    weights = output[1] if isinstance(output, tuple) and len(output) == 2 else None
+    if not isinstance(weights, Tensor):
+        return None
+    weights = weights.detach()
+    if weights.dim() == 3:
+        weights = weights.unsqueeze(0)
+    weights = torch.nan_to_num(weights, nan=0.0)
+    query = bound["query"]
+    padding = bound["key_padding_mask"]
+    if bound["query"] is bound["key"] and padding is not None and not query.is_nested:
+        weights = _zero_padded_rows(weights, padding if padding.dim() == 2 else padding[None])
+    return weights
+
+
+@dataclass
+class _EncoderFrame:
+    shape: torch.Size
+    padding: Tensor | None
+
+
+class TorchNNAdapter:
+    """Finds ``nn.MultiheadAttention`` modules and observes them and their fused encoder layers."""
+
+    name = "torch.nn"
+    recognises = ("torch.nn.MultiheadAttention", "torch.nn.Transformer* layers")
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return {name: m for name, m in model.named_modules() if isinstance(m, _MHA)}
+
+    def install(
+        self, model: nn.Module, selected: dict[str, nn.Module], recorder: Recorder, stack: ExitStack
+    ) -> None:
+        session = _Session(recorder, {id(m): n for n, m in selected.items()})
+        for module in selected.values():
+            stack.callback(observe(module, session.observe_mha).remove)
+        for module in model.modules():
+            if isinstance(module, nn.TransformerEncoderLayer) and id(module.self_attn) in session.names:
+                stack.callback(observe(module, session.observe_encoder_layer).remove)
+            elif isinstance(module, nn.TransformerEncoder):
+                stack.callback(observe(module, session.observe_encoder).remove)
+
+
+class _Session:
+    """The state of one capture over one model's PyTorch attention modules."""
+
+    def __init__(self, recorder: Recorder, names: dict[int, str]) -> None:
+        self.recorder = recorder
+        self.names = names
+        self.mha_calls: dict[int, int] = {}
+        self.encoders: list[_EncoderFrame] = []
+
+    def observe_mha(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
+    ) -> Any:
+        bound = _bind(type(module).forward, (module, *args), kwargs)
+        output = proceed()
+        self.mha_calls[id(module)] = self.mha_calls.get(id(module), 0) + 1
+        assert isinstance(module, _MHA)
+        call = mha_call(
+            module,
+            bound["query"],
+            bound["key"],
+            key_padding_mask=bound["key_padding_mask"],
+            attn_mask=bound["attn_mask"],
+            is_causal=bound["is_causal"],
+            need_weights=bound["need_weights"],
+        )
+        given = returned_weights(module, output, bound)
+        compute = call.compute if given is None else (lambda: given)
+        self.recorder.record(self.names[id(module)], call.kind, call.shape, call.dtype, compute)
+        return output
+
+    def observe_encoder_layer(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
+    ) -> Any:
+        assert isinstance(module, nn.TransformerEncoderLayer)
+        attention = module.self_attn
+        calls_before = self.mha_calls.get(id(attention), 0)
+        output = proceed()
+        if self.mha_calls.get(id(attention), 0) != calls_before:
+            return output  # the slow path called self_attn, which recorded itself
+        try:
+            bound = _bind(nn.TransformerEncoderLayer.forward, (module, *args), kwargs)
+        except TypeError as error:
+            raise AttnScopeError(
+                f"{type(module).__name__} ran without calling its self_attn and its forward "
+                f"takes arguments attnscope cannot map ({error}); capture its attention module "
+                "directly or keep nn.TransformerEncoderLayer.forward's signature"
+            ) from error
+        outer = self.encoders[-1] if self.encoders else None
+        call = encoder_layer_call(module, bound["src"], bound["src_mask"],
+                                  bound["src_key_padding_mask"], outer)
+        self.recorder.record(self.names[id(attention)], call.kind, call.shape, call.dtype, call.compute)
+        return output
+
+    def observe_encoder(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
+    ) -> Any:
+        bound = _bind(nn.TransformerEncoder.forward, (module, *args), kwargs)
+        src, padding = bound["src"], bound["src_key_padding_mask"]
+        if padding is not None and padding.dtype != torch.bool:
+            padding = padding.isneginf()
+        self.encoders.append(_EncoderFrame(src.shape, padding))
+        try:
+            return proceed()
+        finally:
+            self.encoders.pop()
+
+
+def encoder_layer_call(
+    layer: nn.TransformerEncoderLayer,
+    src: Tensor,
+    src_mask: Tensor | None,
+    src_key_padding_mask: Tensor | None,
+    outer: _EncoderFrame | None = None,
+) -> AttentionCall:
+    """The self-attention of an encoder layer as its slow path would have computed it.
+
+    On the nested-tensor path the layer sees neither padding nor the padded length; ``outer``
+    (the enclosing ``nn.TransformerEncoder`` call) gives both back.
+    """
+    if src.is_nested:
+        if outer is not None and outer.padding is not None:
+            src = src.to_padded_tensor(0.0, outer.shape)
+            src_key_padding_mask = outer.padding
+        else:
+            src, src_key_padding_mask = _padding_from_nested(src)
+    if layer.norm_first:
+        with torch.no_grad():
+            src = layer.norm1(src)
+    # The fused kernel uses src_mask as given and ignores the is_causal hint: mirror it.
+    return mha_call(layer.self_attn, src, src, key_padding_mask=src_key_padding_mask,
+                    attn_mask=src_mask, is_causal=False, need_weights=False)

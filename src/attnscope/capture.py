@@ -1,0 +1,170 @@
+"""``attnscope.capture``: record every head's attention weights of an unmodified model.
+
+Design note
+-----------
+Architecture: ``capture`` asks each adapter (``attnscope.adapters``) for the attention modules
+it recognises in the model, applies ``include``/``exclude``, and lets the adapters observe
+those modules. Adapters hand every attention computation to the ``_Recorder`` as a shape, a
+kind and a ``compute`` callable, so the recorder can refuse (``max_bytes``) before anything is
+allocated, and keeps only the selected heads, on the storage device and dtype, detached.
+
+Exactness: the model runs its own forward with its own kernels; adapters recompute weights
+beside it, under ``no_grad``, from the tensors the kernel saw. Outputs are bit-identical.
+
+Lifetimes: everything an adapter changes is pushed on one ``ExitStack`` with its undo, and the
+stack is closed in ``finally``: normal exit, exception or KeyboardInterrupt, nothing remains.
+The ``AttentionMaps`` yielded holds tensors only, never the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+
+import torch
+from torch import Tensor, nn
+
+from .adapters import Adapter, default_adapters
+from .errors import AttnScopeError
+from .filters import NamesFilter, filter_names
+from .maps import AttentionMaps
+
+
+class _Recorder:
+    """Applies the storage options to each attention computation and appends it to the maps."""
+
+    def __init__(
+        self,
+        maps: AttentionMaps,
+        heads: Sequence[int] | None,
+        to: torch.device,
+        dtype: torch.dtype | None,
+        max_bytes: int | None,
+    ) -> None:
+        self.maps = maps
+        self.heads = None if heads is None else list(heads)
+        self.to = to
+        self.dtype = dtype
+        self.max_bytes = max_bytes
+        self.bytes = 0
+
+    def record(
+        self,
+        name: str,
+        kind: str,
+        shape: tuple[int, int, int, int],
+        dtype: torch.dtype,
+        compute: Callable[[], Tensor],
+    ) -> None:
+        batch, heads, queries, keys = shape
+        if self.heads is not None:
+            bad = [h for h in self.heads if not -heads <= h < heads]
+            if bad:
+                raise AttnScopeError(f"heads={self.heads}: {name!r} has {heads} heads (0..{heads - 1})")
+            heads = len(self.heads)
+        itemsize = (self.dtype or dtype).itemsize
+        estimate = batch * heads * queries * keys * itemsize
+        if self.max_bytes is not None and self.bytes + estimate > self.max_bytes:
+            raise AttnScopeError(
+                f"capture refused before allocating: {name!r} needs {estimate:,} bytes "
+                f"({batch}x{heads}x{queries}x{keys} {self.dtype or dtype}), {self.bytes:,} are "
+                f"held already, max_bytes={self.max_bytes:,}. Raise max_bytes, capture fewer "
+                "modules (include=/exclude=) or heads (heads=), or store a smaller dtype."
+            )
+        weights = compute()
+        if self.heads is not None:
+            weights = weights[:, self.heads]
+        weights = weights.detach().to(device=self.to, dtype=self.dtype or weights.dtype)
+        self.bytes += weights.numel() * weights.element_size()
+        self.maps._append(name, kind, weights)
+
+
+@contextmanager
+def capture(
+    model: nn.Module,
+    *,
+    include: NamesFilter | None = None,
+    exclude: NamesFilter | None = None,
+    heads: Sequence[int] | None = None,
+    to: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    max_bytes: int | None = None,
+) -> Iterator[AttentionMaps]:
+    """Record per-head attention weights of every attention module ``model`` calls.
+
+    Works in any mode (train, eval, ``no_grad``, ``inference_mode``, autocast); the model's
+    output is bit-identical to an uncaptured call, and PyTorch's fused encoder path stays on.
+    Weights are (batch, heads, query, key), before dropout; rows of padded or fully masked
+    queries are zeros.
+
+    >>> import torch
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
+    >>> model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    >>> with torch.no_grad(), capture(model) as attn:
+    ...     out = model(torch.randn(2, 5, 16))
+    >>> attn.names
+    ['layers.0.self_attn', 'layers.1.self_attn']
+    >>> tuple(attn["layers.0.self_attn"].shape), attn.kind("layers.0.self_attn")
+    ((2, 4, 5, 5), 'self')
+    """
+    if not isinstance(model, nn.Module):
+        raise AttnScopeError(
+            f"capture() takes a torch.nn.Module, got {type(model).__name__}; pass the model "
+            "itself: `with attnscope.capture(model) as attn: model(inputs)`"
+        )
+    adapters = default_adapters()
+    found: list[tuple[Adapter, dict[str, nn.Module]]] = []
+    seen: set[int] = set()
+    for adapter in adapters:
+        modules = {n: m for n, m in adapter.attention_modules(model).items() if id(m) not in seen}
+        seen.update(id(m) for m in modules.values())
+        found.append((adapter, modules))
+    available = [name for _, modules in found for name in modules]
+    if not available:
+        recognised = ", ".join(r for a in adapters for r in a.recognises)
+        raise AttnScopeError(
+            f"found no attention module in {type(model).__name__}; attnscope recognises "
+            f"{recognised}. If your model computes attention another way, bring your own weights "
+            "with attnscope.AttentionMaps.from_tensors(...)"
+        )
+    selected = set(filter_names(available, include, exclude))
+    recorder = _Recorder(AttentionMaps(), _check_heads(heads), _check_device(to),
+                         _check_dtype(dtype), _check_max_bytes(max_bytes))
+    with ExitStack() as stack:
+        for adapter, modules in found:
+            chosen = {n: m for n, m in modules.items() if n in selected}
+            if chosen:
+                adapter.install(model, chosen, recorder, stack)
+        yield recorder.maps
+
+
+def _check_heads(heads: Sequence[int] | None) -> Sequence[int] | None:
+    if heads is None:
+        return None
+    if isinstance(heads, int):
+        heads = [heads]
+    heads = list(heads)
+    if not heads or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
+        raise AttnScopeError(f"heads must be a non-empty list of head indices, got {heads!r}")
+    return heads
+
+
+def _check_device(to: str | torch.device) -> torch.device:
+    try:
+        return torch.device(to)
+    except (RuntimeError, TypeError) as error:
+        raise AttnScopeError(f"to={to!r} is not a torch device (e.g. 'cpu', 'cuda:0'): {error}") from None
+
+
+def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise AttnScopeError(
+            f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}"
+        )
+    return dtype
+
+
+def _check_max_bytes(max_bytes: int | None) -> int | None:
+    if max_bytes is not None and (not isinstance(max_bytes, int) or max_bytes < 0):
+        raise AttnScopeError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+    return max_bytes

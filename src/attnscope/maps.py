@@ -1,0 +1,356 @@
+"""``AttentionMaps``: the one shape of data every view and analysis consumes.
+
+Each attention module has a name (its qualified module path), a kind (``"self"``,
+``"causal"`` or ``"cross"``) and one or more calls, each a (batch, heads, query, key) tensor.
+Token labels are optional. The object holds tensors and strings only, never the model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ._version import __version__
+from .errors import AttnScopeError
+from .filters import NamesFilter, filter_names
+from .serialization import read_safetensors, write_safetensors
+
+KINDS = ("self", "causal", "cross")
+FORMAT = "attnscope.maps"
+FORMAT_VERSION = 1
+
+Tokens = list[str] | list[list[str]]
+
+
+class AttentionMaps:
+    """Per-head attention weights of named modules, in the order they were called.
+
+    >>> maps = AttentionMaps.from_tensors({"layer0": torch.full((1, 2, 3, 3), 1 / 3)})
+    >>> maps.names, maps.kind("layer0"), tuple(maps["layer0"].shape)
+    (['layer0'], 'self', (1, 2, 3, 3))
+    >>> maps.with_tokens(["a", "b", "c"]).labels("layer0")
+    (['a', 'b', 'c'], ['a', 'b', 'c'])
+    """
+
+    def __init__(self) -> None:
+        self._calls: dict[str, list[Tensor]] = {}
+        self._kinds: dict[str, str] = {}
+        self._tokens: Tokens | None = None
+        self._target_tokens: Tokens | None = None
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _append(self, name: str, kind: str, weights: Tensor) -> None:
+        if kind not in KINDS:
+            raise AttnScopeError(f"kind must be one of {KINDS}, got {kind!r} for {name!r}")
+        if weights.dim() != 4:
+            raise AttnScopeError(
+                f"weights of {name!r} must be (batch, heads, query, key), got shape "
+                f"{tuple(weights.shape)}"
+            )
+        self._calls.setdefault(name, []).append(weights)
+        self._kinds.setdefault(name, kind)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        tensors: Mapping[str, Tensor | Sequence[Tensor]],
+        kinds: str | Mapping[str, str] = "self",
+    ) -> AttentionMaps:
+        """Wrap your own weights: ``{name: (batch, heads, query, key) tensor or list of calls}``.
+
+        ``kinds`` is one kind for all names or a mapping from name to kind.
+        """
+        maps = cls()
+        for name, value in tensors.items():
+            kind = kinds if isinstance(kinds, str) else kinds.get(name)
+            if kind is None:
+                raise AttnScopeError(f"no kind given for {name!r}; pass kinds={{{name!r}: 'self'}}")
+            calls = [value] if isinstance(value, Tensor) else list(value)
+            if not calls:
+                raise AttnScopeError(f"{name!r} has no tensor")
+            for weights in calls:
+                if not isinstance(weights, Tensor):
+                    raise AttnScopeError(f"{name!r}: expected torch.Tensor, got {type(weights).__name__}")
+                maps._append(name, kind, weights.detach())
+        return maps
+
+    def _derive(self, names: Sequence[str], calls: Mapping[str, list[Tensor]] | None = None) -> AttentionMaps:
+        maps = AttentionMaps()
+        for name in names:
+            maps._calls[name] = list((calls or self._calls)[name])
+            maps._kinds[name] = self._kinds[name]
+        maps._tokens, maps._target_tokens = self._tokens, self._target_tokens
+        return maps
+
+    # -- access -----------------------------------------------------------------------------
+
+    @property
+    def names(self) -> list[str]:
+        """Module names in the order they were first called."""
+        return list(self._calls)
+
+    def __len__(self) -> int:
+        return len(self._calls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._calls))
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._calls
+
+    def _check_name(self, name: str) -> None:
+        if name in self._calls:
+            return
+        close = difflib.get_close_matches(str(name), self.names, n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        available = ", ".join(self.names[:20]) + (", ..." if len(self.names) > 20 else "")
+        raise AttnScopeError(f"no attention module named {name!r}.{hint} Available: {available}")
+
+    def __getitem__(self, name: str) -> Tensor:
+        self._check_name(name)
+        calls = self._calls[name]
+        if len(calls) > 1:
+            raise AttnScopeError(
+                f"{name!r} was called {len(calls)} times in this capture; use "
+                f"attn.calls({name!r}) for each call, or attn.concat({name!r}) to join the "
+                "steps of incremental decoding"
+            )
+        return calls[0]
+
+    def calls(self, name: str) -> list[Tensor]:
+        """Every call of ``name``, in order, each (batch, heads, query, key)."""
+        self._check_name(name)
+        return list(self._calls[name])
+
+    def kind(self, name: str) -> str:
+        """``"self"``, ``"causal"`` or ``"cross"``."""
+        self._check_name(name)
+        return self._kinds[name]
+
+    def items(self) -> Iterator[tuple[str, Tensor]]:
+        """``(name, weights)`` pairs, for single-call modules."""
+        for name in self.names:
+            yield name, self[name]
+
+    def concat(self, name: str) -> Tensor:
+        """Join the calls of incremental decoding into (batch, heads, all queries, all keys).
+
+        Call ``i`` fills its queries' rows and its first keys; keys that did not exist yet are 0.
+
+        >>> first = torch.ones(1, 1, 2, 2) / 2
+        >>> step = torch.ones(1, 1, 1, 3) / 3
+        >>> AttentionMaps.from_tensors({"a": [first, step]}).concat("a")[0, 0]
+        tensor([[0.5000, 0.5000, 0.0000],
+                [0.5000, 0.5000, 0.0000],
+                [0.3333, 0.3333, 0.3333]])
+        """
+        calls = self.calls(name)
+        batch, heads = calls[0].shape[:2]
+        for weights in calls:
+            if tuple(weights.shape[:2]) != (batch, heads):
+                raise AttnScopeError(
+                    f"calls of {name!r} differ in batch or heads ({tuple(weights.shape[:2])} vs "
+                    f"{(batch, heads)}); concat joins incremental steps of one sequence batch"
+                )
+        queries = sum(w.size(2) for w in calls)
+        keys = max(w.size(3) for w in calls)
+        out = calls[0].new_zeros(batch, heads, queries, keys)
+        row = 0
+        for weights in calls:
+            out[:, :, row : row + weights.size(2), : weights.size(3)] = weights
+            row += weights.size(2)
+        return out
+
+    def select(
+        self,
+        kind: str | None = None,
+        include: NamesFilter | None = None,
+        exclude: NamesFilter | None = None,
+    ) -> AttentionMaps:
+        """A smaller ``AttentionMaps`` with the names of one kind and/or matching globs."""
+        names = self.names
+        if kind is not None:
+            if kind not in KINDS:
+                raise AttnScopeError(f"kind must be one of {KINDS}, got {kind!r}")
+            names = [n for n in names if self._kinds[n] == kind]
+            if not names:
+                present = sorted(set(self._kinds.values()))
+                raise AttnScopeError(f"no {kind!r} attention here; kinds present: {present}")
+        names = filter_names(names, include, exclude)
+        return self._derive(names)
+
+    def stack(self) -> Tensor:
+        """(layers, batch, heads, query, key) of every name, when their shapes agree."""
+        if not self._calls:
+            raise AttnScopeError("nothing to stack: this AttentionMaps is empty")
+        tensors = [self[name] for name in self.names]
+        shapes = {tuple(t.shape) for t in tensors}
+        if len(shapes) > 1:
+            detail = ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(self.names, tensors, strict=True))
+            raise AttnScopeError(
+                f"cannot stack maps of different shapes ({detail}); narrow them first, "
+                "e.g. attn.select(kind='self').stack()"
+            )
+        return torch.stack(tensors)
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AttentionMaps:
+        """A copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
+        calls = {n: [w.to(device=device, dtype=dtype) for w in ws] for n, ws in self._calls.items()}
+        return self._derive(self.names, calls)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the weights."""
+        return sum(w.numel() * w.element_size() for ws in self._calls.values() for w in ws)
+
+    # -- token labels -----------------------------------------------------------------------
+
+    @property
+    def tokens(self) -> Tokens | None:
+        """Labels of the input (encoder's or only) sequence, or None."""
+        return self._tokens
+
+    @property
+    def target_tokens(self) -> Tokens | None:
+        """Labels of the decoder's sequence in an encoder-decoder model, or None."""
+        return self._target_tokens
+
+    def with_tokens(self, tokens: Tokens | None, target_tokens: Tokens | None = None) -> AttentionMaps:
+        """A labelled copy; see ``labels`` for which labels each kind uses."""
+        maps = self._derive(self.names)
+        maps._tokens = _check_tokens(tokens, "tokens")
+        maps._target_tokens = _check_tokens(target_tokens, "target_tokens")
+        for name in maps.names:
+            shape = maps._shape(name)
+            query_labels, key_labels = maps._labels_for(name)
+            for axis, labels, size in (("query", query_labels, shape[2]), ("key", key_labels, shape[3])):
+                for item in range(shape[0]) if labels is not None else ():
+                    got = len(_item(labels, item))
+                    if got not in (size, _unextended(maps, name, axis, size)):
+                        raise AttnScopeError(
+                            f"{name!r} ({maps._kinds[name]}) has {size} {axis} positions but "
+                            f"its labels have {got} (batch item {item}); give one label per "
+                            "position, the padding included"
+                        )
+        return maps
+
+    def labels(self, name: str, batch: int = 0) -> tuple[list[str] | None, list[str] | None]:
+        """(query labels, key labels) of ``name`` for one batch item.
+
+        Self maps use ``tokens`` on both axes. Causal maps use ``target_tokens`` when given (the
+        decoder of an encoder-decoder model), else ``tokens``. Cross maps use ``target_tokens``
+        for queries and ``tokens`` for keys.
+        """
+        self._check_name(name)
+        query_labels, key_labels = self._labels_for(name)
+        return (
+            None if query_labels is None else list(_item(query_labels, batch)),
+            None if key_labels is None else list(_item(key_labels, batch)),
+        )
+
+    def _labels_for(self, name: str) -> tuple[Tokens | None, Tokens | None]:
+        kind = self._kinds[name]
+        if kind == "cross":
+            return self._target_tokens, self._tokens
+        if kind == "causal" and self._target_tokens is not None:
+            return self._target_tokens, self._target_tokens
+        return self._tokens, self._tokens
+
+    def _shape(self, name: str) -> tuple[int, ...]:
+        calls = self._calls[name]
+        return tuple(calls[0].shape) if len(calls) == 1 else tuple(self.concat(name).shape)
+
+    # -- persistence ------------------------------------------------------------------------
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write a safetensors file with names, kinds, calls and labels as metadata (atomic)."""
+        tensors: dict[str, Tensor] = {}
+        calls: dict[str, list[str]] = {}
+        for index, name in enumerate(self.names):
+            keys = [f"{index}.{call}" for call in range(len(self._calls[name]))]
+            calls[name] = keys
+            tensors.update(zip(keys, self._calls[name], strict=True))
+        header = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "attnscope_version": __version__,
+            "names": self.names,
+            "kinds": self._kinds,
+            "calls": calls,
+            "tokens": self._tokens,
+            "target_tokens": self._target_tokens,
+        }
+        return write_safetensors(path, tensors, {"attnscope": json.dumps(header)})
+
+    def __repr__(self) -> str:
+        if not self._calls:
+            return "AttentionMaps(empty)"
+        lines = [f"AttentionMaps({len(self)} modules, {self.nbytes / 2**20:.2f} MiB)"]
+        for name in self.names[:12]:
+            calls = self._calls[name]
+            more = f" x{len(calls)} calls" if len(calls) > 1 else ""
+            lines.append(f"  {name}: {self._kinds[name]} {tuple(calls[0].shape)}{more}")
+        if len(self) > 12:
+            lines.append(f"  ... {len(self) - 12} more")
+        return "\n".join(lines)
+
+
+def load(path: str | os.PathLike[str]) -> AttentionMaps:
+    """Read a capture written by ``AttentionMaps.save``; never unpickles."""
+    tensors, metadata = read_safetensors(path)
+    if "attnscope" not in metadata:
+        raise AttnScopeError(f"{path}: a safetensors file, but not an attnscope capture (no metadata)")
+    try:
+        header = json.loads(metadata["attnscope"])
+        if header.get("format") != FORMAT:
+            raise AttnScopeError(f"{path}: not an attnscope capture (format {header.get('format')!r})")
+        version = int(header["format_version"])
+        if version > FORMAT_VERSION:
+            raise AttnScopeError(
+                f"{path}: written in capture format {version} by attnscope "
+                f"{header.get('attnscope_version')}; this attnscope ({__version__}) reads format "
+                f"{FORMAT_VERSION} — upgrade attnscope to read it"
+            )
+        maps = AttentionMaps()
+        for name in header["names"]:
+            for key in header["calls"][name]:
+                maps._append(name, header["kinds"][name], tensors[key])
+        return maps.with_tokens(header.get("tokens"), header.get("target_tokens"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise AttnScopeError(f"{path}: attnscope metadata is damaged ({error!r})") from None
+
+
+def _check_tokens(tokens: Tokens | None, what: str) -> Tokens | None:
+    if tokens is None:
+        return None
+    if isinstance(tokens, str) or not isinstance(tokens, Sequence):
+        raise AttnScopeError(f"{what} must be a list of str (or one list per batch item), got {type(tokens).__name__}")
+    if all(isinstance(t, str) for t in tokens):
+        return [str(t) for t in tokens]
+    if all(isinstance(t, Sequence) and not isinstance(t, str) and all(isinstance(s, str) for s in t) for t in tokens):
+        return [[str(s) for s in t] for t in tokens]
+    raise AttnScopeError(f"{what} must be a list of str or a list of lists of str")
+
+
+def _item(labels: Tokens, batch: int) -> list[str]:
+    if labels and isinstance(labels[0], list):
+        per_item: list[list[str]] = labels  # type: ignore[assignment]
+        if batch >= len(per_item):
+            raise AttnScopeError(f"labels cover {len(per_item)} batch items, not item {batch}")
+        return per_item[batch]
+    return labels  # type: ignore[return-value]
+
+
+def _unextended(maps: AttentionMaps, name: str, axis: str, size: int) -> int:
+    """Key positions without the extra keys ``add_bias_kv``/``add_zero_attn`` append."""
+    if axis != "key" or maps._kinds[name] == "cross":
+        return size
+    query_size = maps._shape(name)[2]
+    return query_size if 0 < size - query_size <= 2 else size

@@ -1,0 +1,79 @@
+"""Attention weights from queries, keys and masks, the way PyTorch's slow path computes them.
+
+Every adapter ends here: once it has the projected queries and keys a kernel saw, the weights
+are ``softmax((q · scale) kᵀ + mask)``. The query is scaled *before* the matmul, exactly as
+``torch.nn.functional.multi_head_attention_forward`` does, which reproduces PyTorch's own
+weights to the last bit or within a few ulps.
+
+Rows that carry no information (every key masked) come out as zeros, never NaN.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    """A boolean mask (``True`` = masked out, PyTorch's MHA convention) as ``-inf``/0 floats.
+
+    Float masks are returned in ``dtype`` unchanged, like ``F._canonical_mask``.
+
+    >>> additive_mask(torch.tensor([[False, True]]), torch.float32)
+    tensor([[0., -inf]])
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+            mask, float("-inf")
+        )
+    if not torch.is_floating_point(mask):
+        raise TypeError(f"attention masks must be bool or float, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def causal_additive_mask(
+    query_len: int, key_len: int, dtype: torch.dtype, device: torch.device
+) -> Tensor:
+    """``-inf`` above the diagonal (top-left aligned, as ``scaled_dot_product_attention``)."""
+    keep = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril()
+    return torch.zeros(query_len, key_len, dtype=dtype, device=device).masked_fill_(
+        ~keep, float("-inf")
+    )
+
+
+def softmax_weights(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+    """Per-head attention weights ``softmax((q · scale) kᵀ + mask)``, NaN rows as zeros.
+
+    ``q`` is (..., query, dim), ``k`` is (..., key, dim) and ``mask`` an additive float mask
+    that broadcasts to (..., query, key).
+
+    >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
+    >>> softmax_weights(q, q, 1.0, None).sum(-1)
+    tensor([[1., 1.]])
+    >>> blocked = torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]])
+    >>> softmax_weights(q, q, 1.0, blocked)[0, 1]
+    tensor([0., 0.])
+    """
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num_(weights, nan=0.0) if mask is not None else weights
+
+
+def is_causal_mask(mask: Tensor | None) -> bool:
+    """True when ``mask`` hides at least every key after its query (bool or additive float).
+
+    >>> is_causal_mask(torch.ones(3, 3, dtype=torch.bool).triu(1))
+    True
+    >>> is_causal_mask(torch.zeros(3, 3))
+    False
+    """
+    if mask is None or mask.dim() < 2 or mask.size(-1) != mask.size(-2) or mask.size(-1) < 2:
+        return False
+    size = mask.size(-1)
+    upper = torch.ones(size, size, dtype=torch.bool, device=mask.device).triu(1)
+    hidden = mask if mask.dtype == torch.bool else mask == float("-inf")
+    return bool(hidden[..., upper].all())
