@@ -60,7 +60,9 @@ class _Recorder:
         if self.heads is not None:
             bad = [h for h in self.heads if not -heads <= h < heads]
             if bad:
-                raise AttnScopeError(f"heads={self.heads}: {name!r} has {heads} heads (0..{heads - 1})")
+                raise AttnScopeError(
+                    f"heads={self.heads}: {name!r} has {heads} heads (0..{heads - 1})"
+                )
             heads = len(self.heads)
         itemsize = (self.dtype or dtype).itemsize
         estimate = batch * heads * queries * keys * itemsize
@@ -128,8 +130,13 @@ def capture(
             "with attnscope.AttentionMaps.from_tensors(...)"
         )
     selected = set(filter_names(available, include, exclude))
-    recorder = _Recorder(AttentionMaps(), _check_heads(heads), _check_device(to),
-                         _check_dtype(dtype), _check_max_bytes(max_bytes))
+    recorder = _Recorder(
+        AttentionMaps(),
+        _check_heads(heads),
+        _check_device(to),
+        _check_dtype(dtype),
+        _check_max_bytes(max_bytes),
+    )
     with ExitStack() as stack:
         for adapter, modules in found:
             chosen = {n: m for n, m in modules.items() if n in selected}
@@ -153,7 +160,9 @@ def _check_device(to: str | torch.device) -> torch.device:
     try:
         return torch.device(to)
     except (RuntimeError, TypeError) as error:
-        raise AttnScopeError(f"to={to!r} is not a torch device (e.g. 'cpu', 'cuda:0'): {error}") from None
+        raise AttnScopeError(
+            f"to={to!r} is not a torch device (e.g. 'cpu', 'cuda:0'): {error}"
+        ) from None
 
 
 def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:

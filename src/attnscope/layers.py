@@ -42,20 +42,32 @@ class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
         self._sa_ran = False
         output = super().forward(src, src_mask, src_key_padding_mask, is_causal)
         if self.store_attn_weights and not self._sa_ran:  # the fused path skipped _sa_block
-            self.attn_weights = encoder_layer_call(
-                self, src, src_mask, src_key_padding_mask
-            ).compute().detach()
+            self.attn_weights = (
+                encoder_layer_call(self, src, src_mask, src_key_padding_mask).compute().detach()
+            )
         return output
 
     def _sa_block(
-        self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool = False
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool = False,
     ) -> Tensor:
         self._sa_ran = True
         if self.store_attn_weights:
-            self.attn_weights = mha_call(
-                self.self_attn, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                is_causal=is_causal,
-            ).compute().detach()
+            self.attn_weights = (
+                mha_call(
+                    self.self_attn,
+                    x,
+                    x,
+                    key_padding_mask=key_padding_mask,
+                    attn_mask=attn_mask,
+                    is_causal=is_causal,
+                )
+                .compute()
+                .detach()
+            )
         return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
 
 
@@ -74,13 +86,25 @@ class TransformerDecoderLayerWithAttn(nn.TransformerDecoderLayer):
     store_attn_weights: bool = True
 
     def _sa_block(
-        self, x: Tensor, attn_mask: Tensor | None, key_padding_mask: Tensor | None, is_causal: bool = False
+        self,
+        x: Tensor,
+        attn_mask: Tensor | None,
+        key_padding_mask: Tensor | None,
+        is_causal: bool = False,
     ) -> Tensor:
         if self.store_attn_weights:
-            self.self_attn_weights = mha_call(
-                self.self_attn, x, x, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                is_causal=is_causal,
-            ).compute().detach()
+            self.self_attn_weights = (
+                mha_call(
+                    self.self_attn,
+                    x,
+                    x,
+                    key_padding_mask=key_padding_mask,
+                    attn_mask=attn_mask,
+                    is_causal=is_causal,
+                )
+                .compute()
+                .detach()
+            )
         return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
 
     def _mha_block(
@@ -92,10 +116,18 @@ class TransformerDecoderLayerWithAttn(nn.TransformerDecoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         if self.store_attn_weights:
-            self.cross_attn_weights = mha_call(
-                self.multihead_attn, x, mem, key_padding_mask=key_padding_mask,
-                attn_mask=attn_mask, is_causal=is_causal,
-            ).compute().detach()
+            self.cross_attn_weights = (
+                mha_call(
+                    self.multihead_attn,
+                    x,
+                    mem,
+                    key_padding_mask=key_padding_mask,
+                    attn_mask=attn_mask,
+                    is_causal=is_causal,
+                )
+                .compute()
+                .detach()
+            )
         return super()._mha_block(x, mem, attn_mask, key_padding_mask, is_causal)
 
 

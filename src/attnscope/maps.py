@@ -77,11 +77,15 @@ class AttentionMaps:
                 raise AttnScopeError(f"{name!r} has no tensor")
             for weights in calls:
                 if not isinstance(weights, Tensor):
-                    raise AttnScopeError(f"{name!r}: expected torch.Tensor, got {type(weights).__name__}")
+                    raise AttnScopeError(
+                        f"{name!r}: expected torch.Tensor, got {type(weights).__name__}"
+                    )
                 maps._append(name, kind, weights.detach())
         return maps
 
-    def _derive(self, names: Sequence[str], calls: Mapping[str, list[Tensor]] | None = None) -> AttentionMaps:
+    def _derive(
+        self, names: Sequence[str], calls: Mapping[str, list[Tensor]] | None = None
+    ) -> AttentionMaps:
         maps = AttentionMaps()
         for name in names:
             maps._calls[name] = list((calls or self._calls)[name])
@@ -193,14 +197,18 @@ class AttentionMaps:
         tensors = [self[name] for name in self.names]
         shapes = {tuple(t.shape) for t in tensors}
         if len(shapes) > 1:
-            detail = ", ".join(f"{n}: {tuple(t.shape)}" for n, t in zip(self.names, tensors, strict=True))
+            detail = ", ".join(
+                f"{n}: {tuple(t.shape)}" for n, t in zip(self.names, tensors, strict=True)
+            )
             raise AttnScopeError(
                 f"cannot stack maps of different shapes ({detail}); narrow them first, "
                 "e.g. attn.select(kind='self').stack()"
             )
         return torch.stack(tensors)
 
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> AttentionMaps:
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> AttentionMaps:
         """A copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
         calls = {n: [w.to(device=device, dtype=dtype) for w in ws] for n, ws in self._calls.items()}
         return self._derive(self.names, calls)
@@ -222,7 +230,9 @@ class AttentionMaps:
         """Labels of the decoder's sequence in an encoder-decoder model, or None."""
         return self._target_tokens
 
-    def with_tokens(self, tokens: Tokens | None, target_tokens: Tokens | None = None) -> AttentionMaps:
+    def with_tokens(
+        self, tokens: Tokens | None, target_tokens: Tokens | None = None
+    ) -> AttentionMaps:
         """A labelled copy; see ``labels`` for which labels each kind uses."""
         maps = self._derive(self.names)
         maps._tokens = _check_tokens(tokens, "tokens")
@@ -230,8 +240,13 @@ class AttentionMaps:
         for name in maps.names:
             shape = maps._shape(name)
             query_labels, key_labels = maps._labels_for(name)
-            for axis, labels, size in (("query", query_labels, shape[2]), ("key", key_labels, shape[3])):
-                for item in range(shape[0]) if labels is not None else ():
+            for axis, labels, size in (
+                ("query", query_labels, shape[2]),
+                ("key", key_labels, shape[3]),
+            ):
+                if labels is None:
+                    continue
+                for item in range(shape[0]):
                     got = len(_item(labels, item))
                     if got not in (size, _unextended(maps, name, axis, size)):
                         raise AttnScopeError(
@@ -306,11 +321,15 @@ def load(path: str | os.PathLike[str]) -> AttentionMaps:
     """Read a capture written by ``AttentionMaps.save``; never unpickles."""
     tensors, metadata = read_safetensors(path)
     if "attnscope" not in metadata:
-        raise AttnScopeError(f"{path}: a safetensors file, but not an attnscope capture (no metadata)")
+        raise AttnScopeError(
+            f"{path}: a safetensors file, but not an attnscope capture (no metadata)"
+        )
     try:
         header = json.loads(metadata["attnscope"])
         if header.get("format") != FORMAT:
-            raise AttnScopeError(f"{path}: not an attnscope capture (format {header.get('format')!r})")
+            raise AttnScopeError(
+                f"{path}: not an attnscope capture (format {header.get('format')!r})"
+            )
         version = int(header["format_version"])
         if version > FORMAT_VERSION:
             raise AttnScopeError(
@@ -331,17 +350,23 @@ def _check_tokens(tokens: Tokens | None, what: str) -> Tokens | None:
     if tokens is None:
         return None
     if isinstance(tokens, str) or not isinstance(tokens, Sequence):
-        raise AttnScopeError(f"{what} must be a list of str (or one list per batch item), got {type(tokens).__name__}")
+        raise AttnScopeError(
+            f"{what} must be a list of str (or one list per batch item), "
+            f"got {type(tokens).__name__}"
+        )
     if all(isinstance(t, str) for t in tokens):
         return [str(t) for t in tokens]
-    if all(isinstance(t, Sequence) and not isinstance(t, str) and all(isinstance(s, str) for s in t) for t in tokens):
+    if all(
+        isinstance(t, Sequence) and not isinstance(t, str) and all(isinstance(s, str) for s in t)
+        for t in tokens
+    ):
         return [[str(s) for s in t] for t in tokens]
     raise AttnScopeError(f"{what} must be a list of str or a list of lists of str")
 
 
 def _item(labels: Tokens, batch: int) -> list[str]:
     if labels and isinstance(labels[0], list):
-        per_item: list[list[str]] = labels  # type: ignore[assignment]
+        per_item: list[list[str]] = labels
         if batch >= len(per_item):
             raise AttnScopeError(f"labels cover {len(per_item)} batch items, not item {batch}")
         return per_item[batch]

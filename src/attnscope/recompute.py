@@ -64,7 +64,7 @@ def softmax_weights(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> 
 
 
 def is_causal_mask(mask: Tensor | None) -> bool:
-    """True when ``mask`` hides at least every key after its query (bool or additive float).
+    """True when ``mask`` hides every key after its query, and not every key before it.
 
     >>> is_causal_mask(torch.ones(3, 3, dtype=torch.bool).triu(1))
     True
@@ -76,4 +76,5 @@ def is_causal_mask(mask: Tensor | None) -> bool:
     size = mask.size(-1)
     upper = torch.ones(size, size, dtype=torch.bool, device=mask.device).triu(1)
     hidden = mask if mask.dtype == torch.bool else mask == float("-inf")
-    return bool(hidden[..., upper].all())
+    lower = upper.transpose(0, 1)  # a mask that hides the past too is not a causal one
+    return bool(hidden[..., upper].all()) and not bool(hidden[..., lower].all())

@@ -101,8 +101,11 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
                 raise _bad(source, f"{size} bytes is too short for a safetensors file")
             (header_len,) = struct.unpack("<Q", prefix)
             if header_len > min(_MAX_HEADER, size - 8):
-                raise _bad(source, "the header length runs past the end of the file "
-                           "(truncated, or not a safetensors file)")
+                raise _bad(
+                    source,
+                    "the header length runs past the end of the file "
+                    "(truncated, or not a safetensors file)",
+                )
             try:
                 header = json.loads(file.read(header_len).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -111,7 +114,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
     except FileNotFoundError:
         raise AttnScopeError(f"{source}: no such file") from None
     except IsADirectoryError:
-        raise AttnScopeError(f"{source} is a folder; give the path of a .safetensors file") from None
+        raise AttnScopeError(
+            f"{source} is a folder; give the path of a .safetensors file"
+        ) from None
     if not isinstance(header, dict):
         raise _bad(source, "the header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
@@ -124,7 +129,9 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
             raise _bad(source, f"tensor {key!r} runs past the end of the file (truncated?)")
         assert data is not None
         raw = bytearray(data[start + begin : start + end])
-        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        flat = (
+            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        )
         tensors[key] = flat.view(dtype).reshape(shape)
         end_of_data = max(end_of_data, end)
     if data is not None:
@@ -142,7 +149,9 @@ def _entry(source: Path, key: str, entry: object) -> tuple[torch.dtype, list[int
         raise _bad(source, f"tensor {key!r} has an unsupported dtype {code!r}")
     if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
         raise _bad(source, f"tensor {key!r} has an invalid shape {shape!r}")
-    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+    if not (
+        isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+    ):
         raise _bad(source, f"tensor {key!r} has invalid data_offsets {offsets!r}")
     dtype = _CODES[code]
     begin, end = offsets

@@ -1,4 +1,4 @@
-"""Adapter for PyTorch's own attention: ``nn.MultiheadAttention`` and the ``nn.Transformer*`` layers.
+"""Adapter for PyTorch's own attention: ``nn.MultiheadAttention`` and ``nn.Transformer*`` layers.
 
 Design note
 -----------
@@ -52,7 +52,9 @@ class AttentionCall:
     compute: Callable[[], Tensor]
 
 
-def _bind(method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+def _bind(
+    method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
     bound = inspect.signature(method).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
@@ -101,7 +103,9 @@ def mha_call(
             key_padding_mask = key_padding_mask.unsqueeze(0)
     query_len, batch, _ = query_lbe.shape
     key_len = key_lbe.size(0) + int(mha.bias_k is not None) + int(mha.add_zero_attn)
-    use_causal = is_causal and (attn_mask is None or (key_padding_mask is None and not need_weights))
+    use_causal = is_causal and (
+        attn_mask is None or (key_padding_mask is None and not need_weights)
+    )
     if use_causal:
         kind = "causal"
     elif self_attention:
@@ -112,8 +116,13 @@ def mha_call(
     def compute() -> Tensor:
         with torch.no_grad():
             return _mha_weights(
-                mha, query_lbe, key_lbe, key_padding_mask, None if use_causal else attn_mask,
-                use_causal, zero_padded_queries=self_attention,
+                mha,
+                query_lbe,
+                key_lbe,
+                key_padding_mask,
+                None if use_causal else attn_mask,
+                use_causal,
+                zero_padded_queries=self_attention,
             )
 
     return AttentionCall(kind, (batch, mha.num_heads, query_len, key_len), query.dtype, compute)
@@ -170,14 +179,18 @@ def _mha_weights(
 
 def _zero_padded_rows(weights: Tensor, key_padding_mask: Tensor) -> Tensor:
     query_len = weights.size(-2)
-    padded = key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.isneginf()
+    padded = (
+        key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.isneginf()
+    )
     if padded.size(-1) < query_len:
         return weights
     rows = padded[..., :query_len].reshape(weights.size(0), 1, query_len, 1)
     return weights.masked_fill(rows, 0.0)
 
 
-def returned_weights(mha: nn.MultiheadAttention, output: Any, bound: dict[str, Any]) -> Tensor | None:
+def returned_weights(
+    mha: nn.MultiheadAttention, output: Any, bound: dict[str, Any]
+) -> Tensor | None:
     """The per-head weights MHA itself returned, when it returned them before any dropout."""
     if not (bound["need_weights"] and not bound["average_attn_weights"]):
         return None
@@ -207,7 +220,7 @@ class TorchNNAdapter:
     """Finds ``nn.MultiheadAttention`` modules and observes them and their fused encoder layers."""
 
     name = "torch.nn"
-    recognises = ("torch.nn.MultiheadAttention", "torch.nn.Transformer* layers")
+    recognises: tuple[str, ...] = ("torch.nn.MultiheadAttention", "torch.nn.Transformer* layers")
 
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         return {name: m for name, m in model.named_modules() if isinstance(m, _MHA)}
@@ -219,7 +232,10 @@ class TorchNNAdapter:
         for module in selected.values():
             stack.callback(observe(module, session.observe_mha).remove)
         for module in model.modules():
-            if isinstance(module, nn.TransformerEncoderLayer) and id(module.self_attn) in session.names:
+            if (
+                isinstance(module, nn.TransformerEncoderLayer)
+                and id(module.self_attn) in session.names
+            ):
                 stack.callback(observe(module, session.observe_encoder_layer).remove)
             elif isinstance(module, nn.TransformerEncoder):
                 stack.callback(observe(module, session.observe_encoder).remove)
@@ -273,9 +289,12 @@ class _Session:
                 "directly or keep nn.TransformerEncoderLayer.forward's signature"
             ) from error
         outer = self.encoders[-1] if self.encoders else None
-        call = encoder_layer_call(module, bound["src"], bound["src_mask"],
-                                  bound["src_key_padding_mask"], outer)
-        self.recorder.record(self.names[id(attention)], call.kind, call.shape, call.dtype, call.compute)
+        call = encoder_layer_call(
+            module, bound["src"], bound["src_mask"], bound["src_key_padding_mask"], outer
+        )
+        self.recorder.record(
+            self.names[id(attention)], call.kind, call.shape, call.dtype, call.compute
+        )
         return output
 
     def observe_encoder(
@@ -283,13 +302,16 @@ class _Session:
     ) -> Any:
         bound = _bind(nn.TransformerEncoder.forward, (module, *args), kwargs)
         src, padding = bound["src"], bound["src_key_padding_mask"]
-        if padding is not None and padding.dtype != torch.bool:
-            padding = padding.isneginf()
+        padding = _as_fused_bool(padding)  # the nested path pads wherever the mask is nonzero
         self.encoders.append(_EncoderFrame(src.shape, padding))
         try:
             return proceed()
         finally:
             self.encoders.pop()
+
+
+def _as_fused_bool(mask: Tensor | None) -> Tensor | None:
+    return mask if mask is None or mask.dtype == torch.bool else mask != 0
 
 
 def encoder_layer_call(
@@ -304,6 +326,10 @@ def encoder_layer_call(
     On the nested-tensor path the layer sees neither padding nor the padded length; ``outer``
     (the enclosing ``nn.TransformerEncoder`` call) gives both back.
     """
+    # The fused kernel reads every mask as boolean: any nonzero entry hides that key (measured
+    # on torch 2.13: a general float mask changes its output that way). Mirror what it ran.
+    src_mask = _as_fused_bool(src_mask)
+    src_key_padding_mask = _as_fused_bool(src_key_padding_mask)
     if src.is_nested:
         if outer is not None and outer.padding is not None:
             src = src.to_padded_tensor(0.0, outer.shape)
@@ -314,5 +340,12 @@ def encoder_layer_call(
         with torch.no_grad():
             src = layer.norm1(src)
     # The fused kernel uses src_mask as given and ignores the is_causal hint: mirror it.
-    return mha_call(layer.self_attn, src, src, key_padding_mask=src_key_padding_mask,
-                    attn_mask=src_mask, is_causal=False, need_weights=False)
+    return mha_call(
+        layer.self_attn,
+        src,
+        src,
+        key_padding_mask=src_key_padding_mask,
+        attn_mask=src_mask,
+        is_causal=False,
+        need_weights=False,
+    )

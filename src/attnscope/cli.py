@@ -1,0 +1,61 @@
+"""The ``attnscope`` command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from ._version import __version__
+from .errors import AttnScopeError
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo, summary
+
+    if args.steps is not None and args.steps < 1:
+        raise AttnScopeError(f"--steps must be at least 1, got {args.steps}")
+    config = DemoConfig(seed=args.seed)
+    if args.steps is not None:
+        config.steps = args.steps
+    start = time.perf_counter()
+    result = run_demo(args.out, config, progress=not args.quiet)
+    print(summary(result))
+    print(f"total wall time: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="attnscope", description="See and measure the attention of PyTorch Transformers."
+    )
+    parser.add_argument("--version", action="version", version=f"attnscope {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo", help="train a tiny copy-task Transformer on the CPU and report its attention"
+    )
+    demo.add_argument(
+        "--out", default="attnscope-demo", help="output folder (default: %(default)s)"
+    )
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps (default: 1200)")
+    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.set_defaults(run=_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except AttnScopeError as error:
+        print(f"attnscope: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("attnscope: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
