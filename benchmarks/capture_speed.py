@@ -1,0 +1,119 @@
+"""Capture speed: fused forward vs attnscope.capture vs the seed's subclass way.
+
+Model: 4-layer nn.TransformerEncoder, d_model=256, 8 heads, batch 8, eval + no_grad.
+Variants, run interleaved in one process (medians of REPEATS rounds):
+  fused      the plain model: PyTorch's fused encoder kernel, no weights
+  capture    attnscope.capture around the same call (fused kernel kept, weights recomputed)
+  layers     attnscope.TransformerEncoderLayerWithAttn (seed-compatible layers)
+  seed       the seed's way: fast path off, _sa_block calls self_attn with need_weights=True
+Writes benchmarks/results/capture_speed.json. Timings are measured, never asserted in tests.
+
+    python benchmarks/capture_speed.py [--repeats 15] [--lengths 128 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+import attnscope
+
+
+class SeedEncoderLayer(nn.TransformerEncoderLayer):
+    """The seed idea: store weights from _sa_block with need_weights=True."""
+
+    attn_weights: Tensor | None = None
+
+    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):  # type: ignore[no-untyped-def]
+        out, self.attn_weights = self.self_attn(
+            x, x, x, attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+            need_weights=True, average_attn_weights=False, is_causal=is_causal,
+        )
+        return self.dropout1(out)
+
+
+def build(layer_cls: type[nn.TransformerEncoderLayer]) -> nn.Module:
+    torch.manual_seed(0)
+    layer = layer_cls(256, 8, dim_feedforward=1024, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "capture_speed.json"))
+    args = parser.parse_args()
+
+    plain = build(nn.TransformerEncoderLayer)
+    ours = build(attnscope.TransformerEncoderLayerWithAttn)
+    seed = build(SeedEncoderLayer)
+    results: dict[str, dict[str, float]] = {}
+    for length in args.lengths:
+        x = torch.randn(8, length, 256, generator=torch.Generator().manual_seed(1))
+
+        def fused() -> object:
+            return plain(x)
+
+        def captured() -> object:
+            with attnscope.capture(plain) as attn:
+                plain(x)
+            return attn
+
+        def layers() -> object:
+            return ours(x)
+
+        def seed_way() -> object:
+            torch.backends.mha.set_fastpath_enabled(False)
+            try:
+                return seed(x)
+            finally:
+                torch.backends.mha.set_fastpath_enabled(True)
+
+        variants = {"fused": fused, "capture": captured, "layers": layers, "seed": seed_way}
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        with torch.no_grad():
+            for fn in variants.values():  # warm-up
+                fn()
+            for _ in range(args.repeats):
+                for name, fn in variants.items():
+                    samples[name].append(timed(fn))
+        medians = {name: statistics.median(values) for name, values in samples.items()}
+        row = {f"{name}_s": round(value, 5) for name, value in medians.items()}
+        row.update({f"{name}_ratio": round(medians[name] / medians["fused"], 3)
+                    for name in variants if name != "fused"})
+        results[f"L={length}"] = row
+        print(f"L={length}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
+
+    report = {
+        "benchmark": "capture_speed",
+        "model": "nn.TransformerEncoder 4 layers, d_model 256, 8 heads, ff 1024, batch 8, eval+no_grad",
+        "repeats": args.repeats,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or platform.platform(),
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
