@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .adapters import Adapter, default_adapters
 from .errors import AttnScopeError
-from .filters import NamesFilter, filter_names
+from .filters import NamesFilter, filter_names, matcher
 from .maps import AttentionMaps
 
 
@@ -130,6 +130,12 @@ def capture(
             "with attnscope.AttentionMaps.from_tensors(...)"
         )
     selected = set(filter_names(available, include, exclude))
+    keep_include = matcher(include) if include is not None else None
+    drop = matcher(exclude) if exclude is not None else None
+
+    def keep(name: str) -> bool:  # for attention found at run time (any module calling sdpa)
+        return (keep_include is None or keep_include(name)) and not (drop and drop(name))
+
     recorder = _Recorder(
         AttentionMaps(),
         _check_heads(heads),
@@ -140,8 +146,7 @@ def capture(
     with ExitStack() as stack:
         for adapter, modules in found:
             chosen = {n: m for n, m in modules.items() if n in selected}
-            if chosen:
-                adapter.install(model, chosen, recorder, stack)
+            adapter.install(model, chosen, recorder, stack, keep)
         yield recorder.maps
 
 

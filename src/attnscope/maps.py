@@ -12,6 +12,7 @@ import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -256,6 +257,20 @@ class AttentionMaps:
                         )
         return maps
 
+    def with_tokenizer(
+        self, tokenizer: Any, input_ids: Any, target_ids: Any | None = None
+    ) -> AttentionMaps:
+        """Label with a tokenizer's tokens: ``attn.with_tokenizer(tok, enc["input_ids"])``.
+
+        ``input_ids`` label the input (encoder) sequence, ``target_ids`` the decoder's; each is
+        a (batch, length) tensor or nested list of ids. Special and padding tokens are kept, so
+        labels line up with positions.
+        """
+        return self.with_tokens(
+            _ids_to_tokens(tokenizer, input_ids),
+            None if target_ids is None else _ids_to_tokens(tokenizer, target_ids),
+        )
+
     def labels(self, name: str, batch: int = 0) -> tuple[list[str] | None, list[str] | None]:
         """(query labels, key labels) of ``name`` for one batch item.
 
@@ -362,6 +377,13 @@ def _check_tokens(tokens: Tokens | None, what: str) -> Tokens | None:
     ):
         return [[str(s) for s in t] for t in tokens]
     raise AttnScopeError(f"{what} must be a list of str or a list of lists of str")
+
+
+def _ids_to_tokens(tokenizer: Any, ids: Any) -> list[list[str]]:
+    rows = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+    if rows and not isinstance(rows[0], list):
+        rows = [rows]
+    return [[str(t) for t in tokenizer.convert_ids_to_tokens(row)] for row in rows]
 
 
 def _item(labels: Tokens, batch: int) -> list[str]:

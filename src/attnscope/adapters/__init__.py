@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from .base import Adapter, Recorder
+from .sdpa import SdpaAdapter
 from .torch_nn import TorchNNAdapter
 
 
 def default_adapters() -> list[Adapter]:
     """The adapters ``capture`` tries, in order."""
-    return [TorchNNAdapter()]
+    return [TorchNNAdapter(), SdpaAdapter()]
 
 
-__all__ = ["Adapter", "Recorder", "TorchNNAdapter", "default_adapters"]
+__all__ = ["Adapter", "Recorder", "SdpaAdapter", "TorchNNAdapter", "default_adapters"]

@@ -32,5 +32,11 @@ class Adapter(Protocol):
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]: ...
 
     def install(
-        self, model: nn.Module, selected: dict[str, nn.Module], recorder: Recorder, stack: ExitStack
-    ) -> None: ...
+        self,
+        model: nn.Module,
+        selected: dict[str, nn.Module],
+        recorder: Recorder,
+        stack: ExitStack,
+        keep: Callable[[str], bool],
+    ) -> None:
+        """Observe ``selected`` until ``stack`` closes; ``keep`` filters names found at run time."""

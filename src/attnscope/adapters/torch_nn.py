@@ -226,7 +226,12 @@ class TorchNNAdapter:
         return {name: m for name, m in model.named_modules() if isinstance(m, _MHA)}
 
     def install(
-        self, model: nn.Module, selected: dict[str, nn.Module], recorder: Recorder, stack: ExitStack
+        self,
+        model: nn.Module,
+        selected: dict[str, nn.Module],
+        recorder: Recorder,
+        stack: ExitStack,
+        keep: Callable[[str], bool] = lambda name: True,
     ) -> None:
         session = _Session(recorder, {id(m): n for n, m in selected.items()})
         for module in selected.values():

@@ -1,0 +1,396 @@
+"""Adapter for attention that runs through ``torch.nn.functional.scaled_dot_product_attention``.
+
+Design note
+-----------
+``scaled_dot_product_attention`` is the common funnel: Hugging Face's default ``sdpa``
+implementation (BERT, GPT-2, Llama, Mistral, BART, T5 with its position bias as the mask,
+ViT, ...), timm's fused attention and many user modules call it, by attribute lookup on
+``torch.nn.functional`` at call time. While a capture is active that attribute is a thin
+wrapper: it calls the original kernel with the original arguments (the output is the
+kernel's own, bit for bit), then recomputes ``softmax(q kᵀ · scale + mask)`` from the same
+query, key, mask, ``is_causal``, ``scale`` and ``enable_gqa``.
+
+Attribution: the call belongs to the innermost module of the captured model whose method is
+on the Python call stack (the frame's ``self``), found by walking frames only when the kernel
+is called, so nothing is hooked on the model and no other op pays for it. Calls from inside
+``nn.MultiheadAttention`` are left to the torch.nn adapter.
+
+Attention modules found statically (leaf-most modules whose class name says attention, or
+whose forward calls the kernel) are also observed, to learn whether a call is cross-attention
+(``key_value_states`` / ``encoder_hidden_states``), to take the weights an eager
+implementation returns, and to raise instead of returning nothing when attention ran through
+a kernel attnscope cannot see (flash-attn, a pre-bound reference).
+
+Restored on exit: ``torch.nn.functional.scaled_dot_product_attention`` (when no capture
+remains) and the observed modules' ``forward`` attributes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+from ..errors import AttnScopeError
+from ..patching import Proceed, observe
+from ..recompute import is_causal_mask, softmax_weights
+from .base import Recorder
+
+_TORCH_NN_ATTENTION = (
+    nn.MultiheadAttention,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.Transformer,
+)
+_CROSS_KWARGS = ("key_value_states", "encoder_hidden_states")
+_MAX_FRAMES = 64
+
+
+def _says_attention(module: nn.Module) -> bool:
+    name = type(module).__name__.lower()
+    return ("attention" in name or "attn" in name) and not isinstance(module, _TORCH_NN_ATTENTION)
+
+
+def _calls_sdpa(module: nn.Module) -> bool:
+    return _source_calls_sdpa(type(module).forward)
+
+
+@functools.lru_cache(maxsize=1024)
+def _source_calls_sdpa(forward: Callable[..., Any]) -> bool:
+    try:
+        return "scaled_dot_product_attention" in inspect.getsource(forward)
+    except (OSError, TypeError):
+        return False
+
+
+def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Leaf-most modules whose class name says attention, and modules whose forward calls sdpa."""
+    named = dict(model.named_modules())
+    found: dict[str, nn.Module] = {}
+    for name, module in named.items():
+        if isinstance(module, _TORCH_NN_ATTENTION) or any(
+            isinstance(m, _TORCH_NN_ATTENTION) for m in module.modules()
+        ):
+            continue
+        inner = any(_says_attention(m) for m in module.modules() if m is not module)
+        if (_says_attention(module) and not inner) or _calls_sdpa(module):
+            found[name] = module
+    return found
+
+
+class _SdpaArgs:
+    """The arguments of one ``scaled_dot_product_attention`` call, by name."""
+
+    def __init__(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attn_mask: Tensor | None = None,
+        dropout_p: float = 0.0,
+        is_causal: bool = False,
+        scale: float | None = None,
+        enable_gqa: bool = False,
+    ) -> None:
+        self.query, self.key, self.attn_mask = query, key, attn_mask
+        self.is_causal, self.scale, self.enable_gqa = bool(is_causal), scale, bool(enable_gqa)
+
+
+# -- the function patch, shared by every active capture --------------------------------------
+
+_sessions: list[_SdpaSession] = []
+_lock = threading.Lock()
+_original: Callable[..., Tensor] | None = None
+
+
+def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
+    assert _original is not None
+    output = _original(*args, **kwargs)
+    sessions = tuple(_sessions)
+    if sessions:
+        callers = _calling_modules(sys._getframe(1))
+        for session in sessions:
+            session.on_sdpa(callers, args, kwargs)
+    return output
+
+
+def _calling_modules(frame: Any) -> list[nn.Module]:
+    """Modules whose methods are on the stack, innermost first (frame ``self`` arguments)."""
+    found: list[nn.Module] = []
+    for _ in range(_MAX_FRAMES):
+        if frame is None:
+            break
+        code = frame.f_code
+        if code.co_argcount and code.co_varnames[0] == "self":
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, nn.Module) and (not found or found[-1] is not owner):
+                found.append(owner)
+        frame = frame.f_back
+    return found
+
+
+def _activate(session: _SdpaSession) -> Callable[[], None]:
+    global _original
+    with _lock:
+        if not _sessions and F.scaled_dot_product_attention is not _observed_sdpa:
+            _original = F.scaled_dot_product_attention
+            F.scaled_dot_product_attention = _observed_sdpa
+        _sessions.append(session)
+
+    def deactivate() -> None:
+        global _original
+        with _lock:
+            if session in _sessions:
+                _sessions.remove(session)
+            if not _sessions and F.scaled_dot_product_attention is _observed_sdpa:
+                F.scaled_dot_product_attention = _original  # type: ignore[assignment]
+                _original = None
+
+    return deactivate
+
+
+# -- the adapter ---------------------------------------------------------------------------
+
+
+class SdpaAdapter:
+    """Captures every ``scaled_dot_product_attention`` call, and eager Hugging Face attention."""
+
+    name = "sdpa"
+    recognises: tuple[str, ...] = (
+        "modules calling torch.nn.functional.scaled_dot_product_attention "
+        "(Hugging Face transformers, timm, your own)",
+    )
+
+    def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+        return find_attention_modules(model)
+
+    def install(
+        self,
+        model: nn.Module,
+        selected: dict[str, nn.Module],
+        recorder: Recorder,
+        stack: ExitStack,
+        keep: Callable[[str], bool] = lambda name: True,
+    ) -> None:
+        session = _SdpaSession(model, selected, recorder, keep)
+        for module in selected.values():
+            stack.callback(observe(module, session.observe_attention_module).remove)
+        stack.callback(_activate(session))
+
+
+class _Frame:
+    """One running call of an observed attention module."""
+
+    def __init__(self, module: nn.Module, cross: bool) -> None:
+        self.module = module
+        self.cross = cross
+        self.recorded = 0
+
+
+class _SdpaSession:
+    def __init__(
+        self,
+        model: nn.Module,
+        selected: dict[str, nn.Module],
+        recorder: Recorder,
+        keep: Callable[[str], bool],
+    ) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.selected = {id(m) for m in selected.values()}
+        self.recorder = recorder
+        self.keep = keep
+        self.thread = threading.get_ident()
+        self.running: list[_Frame] = []
+
+    def on_sdpa(
+        self, callers: list[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        if threading.get_ident() != self.thread:
+            return
+        module = next((m for m in callers if id(m) in self.names), None)
+        if module is None or isinstance(module, nn.MultiheadAttention):
+            return  # not this model's, or left to the torch.nn adapter
+        name = self.names[id(module)]
+        if id(module) not in self.selected and not self.keep(name):
+            return
+        frame = next((f for f in reversed(self.running) if f.module is module), None)
+        call = _SdpaArgs(*args, **kwargs)
+        kind, shape, compute = sdpa_call(call, module, cross=frame is not None and frame.cross)
+        self.recorder.record(name, kind, shape, call.query.dtype, compute)
+        if frame is not None:
+            frame.recorded += 1
+
+    def observe_attention_module(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
+    ) -> Any:
+        cross = any(kwargs.get(k) is not None for k in _CROSS_KWARGS) or bool(
+            getattr(module, "is_cross_attention", False)
+        )
+        frame = _Frame(module, cross)
+        self.running.append(frame)
+        try:
+            output = proceed()
+        finally:
+            self.running.pop()
+        if frame.recorded == 0:
+            self._record_returned(module, output, frame)
+        return output
+
+    def _record_returned(self, module: nn.Module, output: Any, frame: _Frame) -> None:
+        """An eager implementation returns its weights; anything else cannot be observed."""
+        weights = _returned_weights(output)
+        name = self.names[id(module)]
+        if weights is None:
+            implementation = _implementation(module)
+            if implementation in (None, "sdpa", "eager") and not _says_attention(module):
+                return  # a module found by its source, which did not attend this time
+            raise AttnScopeError(
+                f"{name} ({type(module).__name__}) ran, but its attention went through a kernel "
+                f"attnscope cannot observe (attention implementation: {implementation or 'unknown'}"
+                "). Load the model with attn_implementation='sdpa' (the default) or 'eager', or "
+                "make the module call torch.nn.functional.scaled_dot_product_attention; if it "
+                f"computes no attention, leave it out with capture(model, exclude={name!r})"
+            )
+        kind = (
+            "cross"
+            if frame.cross
+            else ("causal" if getattr(module, "is_causal", False) else "self")
+        )
+        if kind != "cross" and weights.size(-1) == weights.size(-2):
+            # keys no query may see (padding) have all-zero columns; their query rows are padding
+            weights = _zero_padding_rows(weights, weights == 0)
+        shape = (weights.size(0), weights.size(1), weights.size(2), weights.size(3))
+        self.recorder.record(name, kind, shape, weights.dtype, lambda: weights)
+
+
+def _implementation(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def _returned_weights(output: Any) -> Tensor | None:
+    """The last 4-D tensor in a module's output whose rows are distributions (eager weights)."""
+    if not isinstance(output, tuple):
+        return None
+    for item in reversed(output):
+        if isinstance(item, Tensor) and item.dim() == 4 and item.is_floating_point():
+            sums = item.detach().float().sum(-1)
+            if bool(((sums - 1).abs() < 1e-3).logical_or(sums.abs() < 1e-3).all()):
+                return item.detach()
+    return None
+
+
+def sdpa_call(
+    call: _SdpaArgs, module: nn.Module | None = None, *, cross: bool = False
+) -> tuple[str, tuple[int, int, int, int], Callable[[], Tensor]]:
+    """Kind, (batch, heads, query, key) shape and a recompute of one sdpa call's weights."""
+    query, key = call.query, call.key
+    if query.dim() == 3:
+        query, key = query.unsqueeze(1), key.unsqueeze(1)
+    if query.dim() != 4:
+        raise AttnScopeError(
+            f"scaled_dot_product_attention called with {call.query.dim()}-D queries; attnscope "
+            "reads (batch, heads, query, dim) or (batch, query, dim)"
+        )
+    mask = call.attn_mask
+    if mask is not None and mask.dim() == 3 and call.query.dim() == 3:
+        mask = mask.unsqueeze(1)
+    packed = _packed_gqa_groups(module, query, key)
+    batch, heads, queries, dim = query.shape
+    keys = key.size(-2)
+    if packed:
+        heads, queries = heads * queries, 1
+    hidden = _hidden(mask)
+    if cross:
+        kind = "cross"
+    elif (
+        call.is_causal
+        or getattr(module, "is_causal", False)
+        or (hidden is not None and queries == keys and is_causal_mask(hidden))
+    ):
+        kind = "causal"
+    else:
+        kind = "self"
+    scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
+
+    def compute() -> Tensor:
+        with torch.no_grad():
+            k = key
+            if k.size(1) != query.size(1):  # grouped-query attention: one map per query head
+                k = k.repeat_interleave(query.size(1) // k.size(1), dim=1)
+            additive = None
+            if call.is_causal:
+                additive = _additive_from_hidden(
+                    torch.ones(query.size(-2), keys, dtype=torch.bool, device=k.device)
+                    .tril()
+                    .logical_not(),
+                    query.dtype,
+                )
+            elif mask is not None:
+                additive = (
+                    mask.to(query.dtype)
+                    if mask.dtype != torch.bool
+                    else _additive_from_hidden(~mask, query.dtype)
+                )
+            weights = softmax_weights(query, k, scale, additive)
+            if packed:
+                weights = weights.reshape(batch, heads, 1, keys)
+            elif hidden is not None and kind != "cross" and queries == keys:
+                weights = _zero_padding_rows(weights, hidden)
+            return weights
+
+    return kind, (batch, heads, queries, keys), compute
+
+
+def _packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> bool:
+    """Hugging Face packs one decoding step's query heads into the query axis (``pack_gqa``)."""
+    groups = getattr(module, "num_key_value_groups", 1) if module is not None else 1
+    config = getattr(module, "config", None)
+    heads = getattr(config, "num_attention_heads", None)
+    return (
+        isinstance(groups, int)
+        and groups > 1
+        and query.size(-2) == groups
+        and query.size(1) == key.size(1)
+        and heads is not None
+        and query.size(1) * groups == heads
+    )
+
+
+def _hidden(mask: Tensor | None) -> Tensor | None:
+    """True where sdpa's mask hides a key (bool: False hides; float: -inf, or the dtype's
+    minimum that Hugging Face uses in float masks, hides)."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask <= torch.finfo(mask.dtype).min / 2
+
+
+def _additive_from_hidden(hidden: Tensor, dtype: torch.dtype) -> Tensor:
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(
+        hidden, float("-inf")
+    )
+
+
+def _zero_padding_rows(weights: Tensor, hidden: Tensor) -> Tensor:
+    """Zero the rows of padded queries: positions whose key column is hidden from every query."""
+    while hidden.dim() < 4:
+        hidden = hidden.unsqueeze(0)
+    hidden = hidden.expand(*hidden.shape[:-2], weights.size(-2), weights.size(-1))
+    padding = hidden.all(dim=-2).all(dim=1)  # (batch or 1, keys)
+    if not bool(padding.any()):
+        return weights
+    rows = padding.view(padding.size(0), 1, -1, 1)
+    return weights.masked_fill(rows, 0.0)
