@@ -26,6 +26,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from .run import run_model, summary
+
+    result = run_model(args.text, args.out, args.model, args.text_pair, args.target)
+    print(summary(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnscope", description="See and measure the attention of PyTorch Transformers."
@@ -42,6 +50,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=None, help="training steps (default: 1200)")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
     demo.set_defaults(run=_demo)
+
+    run = commands.add_parser(
+        "run", help="capture a local Hugging Face model's attention on text (nothing downloaded)"
+    )
+    run.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="local model folder (default: the packaged all-MiniLM-L6-v2)",
+    )
+    run.add_argument(
+        "--text", action="append", required=True, help="input text; repeat for a padded batch"
+    )
+    run.add_argument(
+        "--text-pair",
+        action="append",
+        default=None,
+        help="second segment for each --text (e.g. a question/answer pair)",
+    )
+    run.add_argument(
+        "--target",
+        default=None,
+        help="decoder text for encoder-decoder models (default: start token)",
+    )
+    run.add_argument("--out", default="attnscope-run", help="output folder (default: %(default)s)")
+    run.set_defaults(run=_run)
     return parser
 
 

@@ -212,6 +212,7 @@ class _SdpaSession:
         self.keep = keep
         self.thread = threading.get_ident()
         self.running: list[_Frame] = []
+        self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
 
     def on_sdpa(
         self, callers: list[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -226,7 +227,11 @@ class _SdpaSession:
             return
         frame = next((f for f in reversed(self.running) if f.module is module), None)
         call = _SdpaArgs(*args, **kwargs)
-        kind, shape, compute = sdpa_call(call, module, cross=frame is not None and frame.cross)
+        known = self.kinds.get(id(module))
+        kind, shape, compute = sdpa_call(
+            call, module, cross=frame is not None and frame.cross, kind=known
+        )
+        self.kinds[id(module)] = kind
         self.recorder.record(name, kind, shape, call.query.dtype, compute)
         if frame is not None:
             frame.recorded += 1
@@ -292,7 +297,11 @@ def _returned_weights(output: Any) -> Tensor | None:
 
 
 def sdpa_call(
-    call: _SdpaArgs, module: nn.Module | None = None, *, cross: bool = False
+    call: _SdpaArgs,
+    module: nn.Module | None = None,
+    *,
+    cross: bool = False,
+    kind: str | None = None,
 ) -> tuple[str, tuple[int, int, int, int], Callable[[], Tensor]]:
     """Kind, (batch, heads, query, key) shape and a recompute of one sdpa call's weights."""
     query, key = call.query, call.key
@@ -312,7 +321,9 @@ def sdpa_call(
     if packed:
         heads, queries = heads * queries, 1
     hidden = _hidden(mask)
-    if cross:
+    if kind is not None:
+        pass
+    elif cross:
         kind = "cross"
     elif (
         call.is_causal
