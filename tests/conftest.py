@@ -22,3 +22,18 @@ def count_calls(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], list[int]]:
         return counter
 
     return install
+
+
+def _hypothesis_profiles() -> None:
+    import os
+
+    from hypothesis import settings
+
+    # CI replays the same examples every run (a red CI means a regression, not a new draw);
+    # local runs keep exploring.
+    settings.register_profile("ci", derandomize=True, print_blob=True)
+    if os.environ.get("CI"):
+        settings.load_profile("ci")
+
+
+_hypothesis_profiles()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -35,6 +36,20 @@ def mha_case(draw: st.DrawFn) -> dict:
         "mode": draw(st.sampled_from(["train", "eval", "no_grad", "inference_mode"])),
         "seed": draw(st.integers(0, 2**16)),
     }
+
+
+@pytest.mark.parametrize("unbatched", [False, True])
+@pytest.mark.parametrize("extra", [{"add_zero_attn": True}, {"add_bias_kv": True}])
+def test_is_causal_with_appended_keys_matches_the_kernel_output(extra: dict, unbatched: bool) -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, **extra).eval()
+    x = torch.randn(4, 8) if unbatched else torch.randn(4, 3, 8)
+    causal = nn.Transformer.generate_square_subsequent_mask(4)
+    with torch.no_grad(), attnscope.capture(mha) as attn:
+        out = mha(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+    assert attn.kind("") == "causal"
+    rebuilt = output_from_weights(mha, attn[""], x, batch_first=False)
+    torch.testing.assert_close(rebuilt.reshape(out.shape), out, atol=1e-5, rtol=0)
 
 
 @settings(max_examples=150, deadline=None)
@@ -108,6 +123,12 @@ def test_multihead_attention_matches_slow_path(case: dict) -> None:
     reference = slow_path_weights(mha, lambda m: m(query, key, value, **kwargs))[""][0]
     extra = int(case["add_bias_kv"]) + int(case["add_zero_attn"])
     assert attn[""].shape == (batch, case["heads"], length, key_len + extra)
+    if kwargs.get("is_causal") and extra and not need_weights and "key_padding_mask" not in kwargs:
+        # PyTorch's kernel applies is_causal over the appended bias/zero keys too, while the
+        # need_weights path keeps them visible: check against the kernel's own output instead.
+        rebuilt = output_from_weights(mha, attn[""], value, case["batch_first"] and not unbatched)
+        torch.testing.assert_close(rebuilt.reshape(expected.shape), expected, atol=1e-5, rtol=0)
+        return
     valid = None
     if case["self"] and "key_padding_mask" in kwargs:
         pad = kwargs["key_padding_mask"]
@@ -125,3 +146,26 @@ def test_multihead_attention_matches_slow_path(case: dict) -> None:
         if bool(blocked[upper].all()) and not bool(blocked[lower].all()):
             expected_kind = "causal"
     assert attn.kind("") == expected_kind
+
+
+def output_from_weights(mha: nn.MultiheadAttention, weights: torch.Tensor, value: torch.Tensor,
+                        batch_first: bool) -> torch.Tensor:
+    """MHA's output recomputed from captured weights: weights @ V, then the output projection."""
+    with torch.no_grad():
+        if value.dim() == 2:
+            value = value.unsqueeze(1)
+        elif batch_first:
+            value = value.transpose(0, 1)
+        embed, heads = mha.embed_dim, mha.num_heads
+        w_v = mha.in_proj_weight[2 * embed:] if mha._qkv_same_embed_dim else mha.v_proj_weight
+        b_v = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * embed:]
+        v = torch.nn.functional.linear(value, w_v, b_v)
+        batch = v.size(1)
+        if mha.bias_v is not None:
+            v = torch.cat([v, mha.bias_v.repeat(1, batch, 1)])
+        v = v.view(v.size(0), batch, heads, embed // heads).permute(1, 2, 0, 3)
+        if mha.add_zero_attn:
+            v = torch.cat([v, v.new_zeros(batch, heads, 1, embed // heads)], dim=2)
+        out = (weights @ v).permute(2, 0, 1, 3).reshape(weights.size(2), batch, embed)
+        out = mha.out_proj(out)
+        return out.transpose(0, 1) if batch_first else out
