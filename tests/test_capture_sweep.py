@@ -40,7 +40,9 @@ def mha_case(draw: st.DrawFn) -> dict:
 
 @pytest.mark.parametrize("unbatched", [False, True])
 @pytest.mark.parametrize("extra", [{"add_zero_attn": True}, {"add_bias_kv": True}])
-def test_is_causal_with_appended_keys_matches_the_kernel_output(extra: dict, unbatched: bool) -> None:
+def test_is_causal_with_appended_keys_matches_the_kernel_output(
+    extra: dict, unbatched: bool
+) -> None:
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(8, 2, **extra).eval()
     x = torch.randn(4, 8) if unbatched else torch.randn(4, 3, 8)
@@ -148,8 +150,9 @@ def test_multihead_attention_matches_slow_path(case: dict) -> None:
     assert attn.kind("") == expected_kind
 
 
-def output_from_weights(mha: nn.MultiheadAttention, weights: torch.Tensor, value: torch.Tensor,
-                        batch_first: bool) -> torch.Tensor:
+def output_from_weights(
+    mha: nn.MultiheadAttention, weights: torch.Tensor, value: torch.Tensor, batch_first: bool
+) -> torch.Tensor:
     """MHA's output recomputed from captured weights: weights @ V, then the output projection."""
     with torch.no_grad():
         if value.dim() == 2:
@@ -157,8 +160,8 @@ def output_from_weights(mha: nn.MultiheadAttention, weights: torch.Tensor, value
         elif batch_first:
             value = value.transpose(0, 1)
         embed, heads = mha.embed_dim, mha.num_heads
-        w_v = mha.in_proj_weight[2 * embed:] if mha._qkv_same_embed_dim else mha.v_proj_weight
-        b_v = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * embed:]
+        w_v = mha.in_proj_weight[2 * embed :] if mha._qkv_same_embed_dim else mha.v_proj_weight
+        b_v = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * embed :]
         v = torch.nn.functional.linear(value, w_v, b_v)
         batch = v.size(1)
         if mha.bias_v is not None:

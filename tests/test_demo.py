@@ -35,6 +35,15 @@ def test_demo_cli_default_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert maps.labels(cross)[0][0] == "<s>"
     for name in maps.select(kind="cross").names:
         assert f"{name}  " in printed
+    assert (out / "report.html").is_file()
+    assert sorted(p.name for p in (out / "figures").iterdir()) == [
+        "heads-causal.png",
+        "heads-cross.png",
+        "heads-self.png",
+        "layers-causal.png",
+        "layers-cross.png",
+        "layers-self.png",
+    ]
     last_alignment = float(printed.split(cross)[-1].split()[0])
     assert last_alignment == pytest.approx(alignment_score(maps[cross], torch.arange(10)), abs=1e-3)
 

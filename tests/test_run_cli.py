@@ -26,6 +26,8 @@ def test_run_default_model_writes_labelled_capture(
     assert "encoder.layer.5.attention.self  self" in printed
     maps = attnscope.load(out / "attention.safetensors")
     assert len(maps.names) == 6
+    assert (out / "report.html").is_file()
+    assert (out / "figures" / "layers-self.png").is_file()
     query_labels, key_labels = maps.labels("encoder.layer.0.attention.self", batch=1)
     assert query_labels == key_labels
     assert query_labels[:3] == ["[CLS]", "hello", "[SEP]"]
@@ -75,3 +77,21 @@ def test_run_errors_are_clear(
 def test_run_folder_without_config(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["run", str(tmp_path), "--text", "hi", "--out", str(tmp_path / "o")]) == 2
     assert "no config.json" in capsys.readouterr().err
+
+
+def test_view_command_renders_saved_capture(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    maps = attnscope.AttentionMaps.from_tensors({"l": torch.softmax(torch.randn(1, 2, 4, 4), -1)})
+    capture_path = maps.with_tokens(["a", "b", "c", "d"]).save(tmp_path / "cap.safetensors")
+    page = tmp_path / "page.html"
+    assert (
+        main(["view", str(capture_path), "--out", str(page), "--png", str(tmp_path / "png")]) == 0
+    )
+    assert "attnscope-root" in page.read_text(encoding="utf-8")
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "heads-self.png",
+        "layers-self.png",
+    ]
+    assert main(["view", str(tmp_path / "none.safetensors"), "--out", str(page)]) == 2
+    assert "no such file" in capsys.readouterr().err

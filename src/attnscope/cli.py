@@ -22,6 +22,8 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = run_demo(args.out, config, progress=not args.quiet)
     print(summary(result))
+    for path in write_report(result.maps, args.out, "attnscope demo: copy task"):
+        print(f"wrote {path}")
     print(f"total wall time: {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -31,6 +33,49 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run_model(args.text, args.out, args.model, args.text_pair, args.target)
     print(summary(result))
+    for path in write_report(result.maps, args.out, f"attnscope run: {result.model_path}"):
+        print(f"wrote {path}")
+    return 0
+
+
+def write_report(maps: object, out_dir: str, title: str, png: bool = True) -> list[str]:
+    """report.html and, when matplotlib is installed, PNG figures next to a capture."""
+    from pathlib import Path
+
+    from .maps import AttentionMaps
+    from .view import view
+
+    assert isinstance(maps, AttentionMaps)
+    written = [
+        str(view(maps, title=title, element_id="report").save(Path(out_dir) / "report.html"))
+    ]
+    if png:
+        try:
+            from .plot import save_figures
+
+            written += save_figures(maps, str(Path(out_dir) / "figures"))
+        except AttnScopeError as error:  # matplotlib missing: the page alone still helps
+            print(f"attnscope: no PNG figures ({error})", file=sys.stderr)
+    return written
+
+
+def _view(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .maps import load
+    from .view import view
+
+    maps = load(args.capture)
+    page = view(
+        maps, batch=args.batch, title=Path(args.capture).name, max_bytes=int(args.max_mb * 2**20)
+    )
+    out = page.save(args.out)
+    print(f"page written to {out}")
+    if args.png:
+        from .plot import save_figures
+
+        for path in save_figures(maps, args.png, batch=args.batch):
+            print(f"figure written to {path}")
     return 0
 
 
@@ -76,6 +121,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--out", default="attnscope-run", help="output folder (default: %(default)s)")
     run.set_defaults(run=_run)
+
+    show = commands.add_parser("view", help="render a saved capture as an interactive HTML page")
+    show.add_argument("capture", help="a .safetensors file written by attnscope")
+    show.add_argument(
+        "--out", default="attention.html", help="page to write (default: %(default)s)"
+    )
+    show.add_argument("--png", default=None, metavar="DIR", help="also write PNG figures here")
+    show.add_argument("--batch", type=int, default=0, help="batch item to show (default: 0)")
+    show.add_argument(
+        "--max-mb",
+        type=float,
+        default=64.0,
+        help="size budget of the page in MB (default: %(default)s)",
+    )
+    show.set_defaults(run=_view)
     return parser
 
 

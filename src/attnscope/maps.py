@@ -297,6 +297,48 @@ class AttentionMaps:
         calls = self._calls[name]
         return tuple(calls[0].shape) if len(calls) == 1 else tuple(self.concat(name).shape)
 
+    # -- interop ----------------------------------------------------------------------------
+
+    def to_bertviz(self, batch: int = 0) -> dict[str, Any]:
+        """Keyword arguments for ``bertviz.head_view`` / ``model_view`` (one batch item).
+
+        Single-stack models give ``attention`` (a tuple of (1, heads, q, k) per layer) and
+        ``tokens``; encoder-decoder models give ``encoder_attention``, ``decoder_attention``,
+        ``cross_attention``, ``encoder_tokens`` and ``decoder_tokens``. Use it as
+        ``head_view(**attn.to_bertviz())``.
+        """
+
+        def layers(names: list[str]) -> tuple[Tensor, ...]:
+            return tuple(self._single(n)[batch : batch + 1] for n in names)
+
+        cross = [n for n in self.names if self._kinds[n] == "cross"]
+        if not cross:
+            tokens = self.labels(self.names[0], batch)[0]
+            return {"attention": layers(self.names), "tokens": tokens}
+        encoder = [n for n in self.names if self._kinds[n] == "self"]
+        decoder = [n for n in self.names if self._kinds[n] == "causal"]
+        result: dict[str, Any] = {
+            "encoder_attention": layers(encoder),
+            "decoder_attention": layers(decoder),
+            "cross_attention": layers(cross),
+        }
+        query_labels, key_labels = self.labels(cross[0], batch)
+        result["encoder_tokens"] = key_labels
+        result["decoder_tokens"] = query_labels
+        return result
+
+    def to_circuitsvis(self, name: str, batch: int = 0) -> dict[str, Any]:
+        """Keyword arguments for ``circuitsvis.attention.attention_patterns``/``attention_heads``:
+        ``tokens`` and ``attention`` as (heads, query, key)."""
+        weights = self._single(name)[batch]
+        query_labels, key_labels = self.labels(name, batch)
+        tokens = key_labels or query_labels or [str(i) for i in range(weights.size(-1))]
+        return {"tokens": tokens, "attention": weights}
+
+    def _single(self, name: str) -> Tensor:
+        calls = self.calls(name)
+        return calls[0] if len(calls) == 1 else self.concat(name)
+
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:

@@ -58,10 +58,10 @@ class AttentionPage:
     def document(self) -> str:
         """The whole HTML document."""
         return (
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{html.escape(self.title)}</title>"
-            "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"></head>"
-            f"<body style=\"margin:0\">{self._fragment}</body></html>\n"
+            '<meta name="viewport" content="width=device-width, initial-scale=1"></head>'
+            f'<body style="margin:0">{self._fragment}</body></html>\n'
         )
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -104,13 +104,14 @@ def view(
         raise AttnScopeError("nothing to show: this AttentionMaps is empty")
     root = element_id or f"attnscope-{next(_ids)}-{os.getpid()}"
     root = root if root.startswith("attnscope-") else f"attnscope-{root}"
-    data = page_data(attn, batch=batch, max_bytes=max_bytes, exact_bytes=exact_bytes,
-                     full_heads=full_heads)
+    data = page_data(
+        attn, batch=batch, max_bytes=max_bytes, exact_bytes=exact_bytes, full_heads=full_heads
+    )
     data["title"] = title
     fragment = (
-        f"<div id=\"{html.escape(root)}\" class=\"attnscope-root\"></div>"
+        f'<div id="{html.escape(root)}" class="attnscope-root"></div>'
         f"<style>{_asset('page.css')}</style>"
-        f"<script type=\"application/json\" id=\"{html.escape(root)}-data\">{safe_json(data)}</script>"
+        f'<script type="application/json" id="{html.escape(root)}-data">{safe_json(data)}</script>'
         f"<script>{_asset('page.js')}\nattnscopeRender({json.dumps(root)});</script>"
     )
     return AttentionPage(fragment, title)
@@ -130,11 +131,6 @@ def _asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
 
 
-def _map_for(attn: AttentionMaps, name: str) -> Tensor:
-    calls = attn.calls(name)
-    return calls[0] if len(calls) == 1 else attn.concat(name)
-
-
 def page_data(
     attn: AttentionMaps,
     *,
@@ -144,7 +140,7 @@ def page_data(
     full_heads: Iterable[tuple[str, int]] | None = None,
 ) -> dict[str, object]:
     """The page's data: quantised maps, thumbnails, labels, and what was left out."""
-    tensors = {name: _map_for(attn, name) for name in attn.names}
+    tensors = {name: attn._single(name) for name in attn.names}
     for name, weights in tensors.items():
         if not 0 <= batch < weights.size(0):
             raise AttnScopeError(f"batch={batch} but {name!r} has {weights.size(0)} batch items")
@@ -152,7 +148,7 @@ def page_data(
     total = sum(sizes.values())
     fits = total * 4 // 3 <= max_bytes
     chosen = _choose_full(tensors, sizes, max_bytes, full_heads) if not fits else None
-    exact = total * 4 * 4 // 3 <= exact_bytes
+    exact = fits and total * 4 * 4 // 3 <= exact_bytes
     maps = []
     for name, weights in tensors.items():
         single = weights[batch].detach().to("cpu", torch.float32).clamp(0, 1)
