@@ -44,7 +44,11 @@ def test_demo_cli_default_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "layers-cross.png",
         "layers-self.png",
     ]
-    last_alignment = float(printed.split(cross)[-1].split()[0])
+    section = printed.split("argmax is the source position being copied):")[1].split("\n\n")[0]
+    scores = dict(line.split() for line in section.strip().splitlines())
+    last_alignment = float(scores[cross])
+    assert "head roles" in printed
+    assert "monotonic-alignment" in printed.split("head roles")[1]
     assert last_alignment == pytest.approx(alignment_score(maps[cross], torch.arange(10)), abs=1e-3)
 
 

