@@ -43,7 +43,12 @@ def test_demo_cli_default_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]
         "layers-causal.png",
         "layers-cross.png",
         "layers-self.png",
+        "rollout.png",
     ]
+    report = (out / "report.html").read_text(encoding="utf-8")
+    assert "rollout (self-attention, all layers)" in report
+    assert "monotonic-alignment" in report  # the head statistics table
+    assert (out / "head_stats.csv").read_text().startswith("module,head,entropy")
     section = printed.split("argmax is the source position being copied):")[1].split("\n\n")[0]
     scores = dict(line.split() for line in section.strip().splitlines())
     last_alignment = float(scores[cross])

@@ -22,6 +22,8 @@ def _demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = run_demo(args.out, config, progress=not args.quiet)
     print(summary(result))
+    from .report import write_report
+
     for path in write_report(result.maps, args.out, "attnscope demo: copy task"):
         print(f"wrote {path}")
     print(f"total wall time: {time.perf_counter() - start:.1f} s")
@@ -33,30 +35,11 @@ def _run(args: argparse.Namespace) -> int:
 
     result = run_model(args.text, args.out, args.model, args.text_pair, args.target)
     print(summary(result))
+    from .report import write_report
+
     for path in write_report(result.maps, args.out, f"attnscope run: {result.model_path}"):
         print(f"wrote {path}")
     return 0
-
-
-def write_report(maps: object, out_dir: str, title: str, png: bool = True) -> list[str]:
-    """report.html and, when matplotlib is installed, PNG figures next to a capture."""
-    from pathlib import Path
-
-    from .maps import AttentionMaps
-    from .view import view
-
-    assert isinstance(maps, AttentionMaps)
-    written = [
-        str(view(maps, title=title, element_id="report").save(Path(out_dir) / "report.html"))
-    ]
-    if png:
-        try:
-            from .plot import save_figures
-
-            written += save_figures(maps, str(Path(out_dir) / "figures"))
-        except AttnScopeError as error:  # matplotlib missing: the page alone still helps
-            print(f"attnscope: no PNG figures ({error})", file=sys.stderr)
-    return written
 
 
 def _view(args: argparse.Namespace) -> int:

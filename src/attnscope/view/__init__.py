@@ -87,8 +87,11 @@ def view(
     max_bytes: int = DEFAULT_MAX_BYTES,
     exact_bytes: int = DEFAULT_EXACT_BYTES,
     full_heads: Iterable[tuple[str, int]] | None = None,
+    stats: Iterable[dict[str, object]] | None = None,
 ) -> AttentionPage:
     """An interactive page of ``attn`` for one batch item: head view, model view, matrix view.
+
+    ``stats`` (e.g. ``attnscope.head_stats(attn)``) adds a table of per-head statistics.
 
     ``full_heads`` chooses the (name, head) pairs kept at full resolution when the maps would
     pass ``max_bytes`` (default: every head of the first module, then as many as fit).
@@ -108,6 +111,10 @@ def view(
         attn, batch=batch, max_bytes=max_bytes, exact_bytes=exact_bytes, full_heads=full_heads
     )
     data["title"] = title
+    if stats is not None:
+        data["table"] = [
+            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in stats
+        ]
     fragment = (
         f'<div id="{html.escape(root)}" class="attnscope-root"></div>'
         f"<style>{_asset('page.css')}</style>"

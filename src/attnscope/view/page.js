@@ -101,6 +101,22 @@ function attnscopeRender(rootId) {
   root.appendChild(views);
   root.appendChild(modelPanel);
 
+  if (data.table && data.table.length) {
+    var statsPanel = el("section", "attnscope-panel attnscope-stats");
+    statsPanel.appendChild(el("h3", null, "Head statistics"));
+    var table = el("table", "attnscope-table"), columns = Object.keys(data.table[0]);
+    var header = el("tr");
+    columns.forEach(function (c) { header.appendChild(el("th", null, c)); });
+    table.appendChild(header);
+    data.table.forEach(function (row) {
+      var line = el("tr");
+      columns.forEach(function (c) { line.appendChild(el("td", null, String(row[c]))); });
+      table.appendChild(line);
+    });
+    statsPanel.appendChild(table);
+    root.appendChild(statsPanel);
+  }
+
   // -- model view ---------------------------------------------------------------------------
   maps.forEach(function (m, index) {
     var row = el("div", "attnscope-row");
