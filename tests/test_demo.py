@@ -9,7 +9,11 @@ import torch
 
 import attnscope
 from attnscope.cli import main
-from attnscope.demo import alignment_score
+
+
+def alignment_score(weights: torch.Tensor, expected: torch.Tensor) -> float:
+    maps = attnscope.AttentionMaps.from_tensors({"x": weights}, kinds="cross")
+    return float(attnscope.alignment(maps, "x", expected).score or 0.0)
 
 
 def test_alignment_score_hand_computed() -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from .analysis import alignment as attention_alignment
 from .analysis import mean_entropy
 from .capture import capture
 from .head_stats import head_stats
@@ -97,19 +98,6 @@ def copy_batch(
     return src, tgt_in, src
 
 
-def alignment_score(cross: Tensor, expected: Tensor) -> float:
-    """Share of query positions whose head-averaged argmax key is the expected one.
-
-    ``cross`` is (batch, heads, query, key); ``expected`` (query,) or (batch, query).
-
-    >>> weights = torch.eye(3).expand(1, 2, 3, 3)
-    >>> alignment_score(weights, torch.arange(3))
-    1.0
-    """
-    hard = cross.mean(dim=1).argmax(dim=-1)
-    return float((hard == expected.expand_as(hard)).float().mean())
-
-
 @dataclass
 class DemoResult:
     accuracy: float
@@ -177,7 +165,10 @@ def run_demo(
     maps = attn.with_tokens(tokens, target_tokens)
     path = maps.save(out_dir / "attention.safetensors")
     positions = torch.arange(config.seq_len)
-    alignment = {n: alignment_score(maps[n], positions) for n in maps.select(kind="cross").names}
+    alignment = {
+        n: float(attention_alignment(maps, n, positions).score or 0.0)
+        for n in maps.select(kind="cross").names
+    }
     entropy = {n: mean_entropy(maps[n]) for n in maps.names}
     kinds = {n: maps.kind(n) for n in maps.names}
     return DemoResult(accuracy, alignment, entropy, kinds, seconds, final_loss, path, maps)
