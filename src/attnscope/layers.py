@@ -18,6 +18,21 @@ from torch import Tensor, nn
 from .adapters.torch_nn import encoder_layer_call, mha_call
 
 
+def _weights(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    is_causal: bool,
+) -> Tensor:
+    """The weights of ``mha(query, key, ...)`` as the block's own call computes them."""
+    call = mha_call(
+        mha, query, key, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal
+    )
+    return call.compute().detach()
+
+
 class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
     """``nn.TransformerEncoderLayer`` that keeps ``attn_weights`` after every forward.
 
@@ -56,17 +71,8 @@ class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
     ) -> Tensor:
         self._sa_ran = True
         if self.store_attn_weights:
-            self.attn_weights = (
-                mha_call(
-                    self.self_attn,
-                    x,
-                    x,
-                    key_padding_mask=key_padding_mask,
-                    attn_mask=attn_mask,
-                    is_causal=is_causal,
-                )
-                .compute()
-                .detach()
+            self.attn_weights = _weights(
+                self.self_attn, x, x, attn_mask, key_padding_mask, is_causal
             )
         return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
 
@@ -93,17 +99,8 @@ class TransformerDecoderLayerWithAttn(nn.TransformerDecoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         if self.store_attn_weights:
-            self.self_attn_weights = (
-                mha_call(
-                    self.self_attn,
-                    x,
-                    x,
-                    key_padding_mask=key_padding_mask,
-                    attn_mask=attn_mask,
-                    is_causal=is_causal,
-                )
-                .compute()
-                .detach()
+            self.self_attn_weights = _weights(
+                self.self_attn, x, x, attn_mask, key_padding_mask, is_causal
             )
         return super()._sa_block(x, attn_mask, key_padding_mask, is_causal)
 
@@ -116,17 +113,8 @@ class TransformerDecoderLayerWithAttn(nn.TransformerDecoderLayer):
         is_causal: bool = False,
     ) -> Tensor:
         if self.store_attn_weights:
-            self.cross_attn_weights = (
-                mha_call(
-                    self.multihead_attn,
-                    x,
-                    mem,
-                    key_padding_mask=key_padding_mask,
-                    attn_mask=attn_mask,
-                    is_causal=is_causal,
-                )
-                .compute()
-                .detach()
+            self.cross_attn_weights = _weights(
+                self.multihead_attn, x, mem, attn_mask, key_padding_mask, is_causal
             )
         return super()._mha_block(x, mem, attn_mask, key_padding_mask, is_causal)
 
