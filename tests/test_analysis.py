@@ -182,6 +182,17 @@ def test_head_stats_hand_computed() -> None:
     assert "previous-token" in str(table)
 
 
+@pytest.mark.parametrize("n", [2, 3, 8])
+def test_uniform_is_broad_and_a_window_is_local_at_any_length(n: int) -> None:
+    uniform = torch.full((1, 1, n, n), 1 / n)
+    window = torch.zeros(1, 1, 12, 12)
+    for i in range(12):
+        keys = [j for j in (i - 1, i, i + 1) if 0 <= j < 12]
+        window[0, 0, i, keys] = 1 / len(keys)
+    table = list(attnscope.head_stats(AttentionMaps.from_tensors({"u": uniform, "w": window})))
+    assert [row["role"] for row in table] == ["broad", "local"]
+
+
 def test_head_stats_ignores_padding_and_finds_alignment() -> None:
     cross = torch.zeros(1, 1, 4, 6)
     cross[0, 0, torch.arange(4), torch.tensor([0, 1, 3, 5])] = 1.0

@@ -6,9 +6,9 @@ attention on the first token, the previous token and the token itself. Roles, fi
 
 - ``monotonic-alignment`` (cross-attention): head-wise argmax keys never go back by more than
   one position across 90% of consecutive queries, and move forward overall;
+- ``broad``: entropy at least 90% of a uniform row's over the same keys;
 - ``previous-token``, ``self``, ``first-token``: that share is at least 0.5;
 - ``local``: mean distance at most 1.5 positions;
-- ``broad``: entropy at least 90% of a uniform row's over the same keys;
 - ``mixed``: none of the above.
 """
 
@@ -154,11 +154,11 @@ def _monotonic(weights: Tensor, valid: Tensor) -> bool:
 def _role(row: dict[str, object], uniform_entropy: float, monotonic: bool) -> str:
     if monotonic:
         return "monotonic-alignment"
+    if uniform_entropy > 0 and float(row["entropy"]) >= 0.9 * uniform_entropy - 1e-9:  # type: ignore[arg-type]
+        return "broad"  # first: on two keys a uniform head puts 0.5 on itself and the first
     for role, key in (("previous-token", "previous"), ("self", "self"), ("first-token", "first")):
         if float(row[key]) >= 0.5:  # type: ignore[arg-type]
             return role
     if float(row["distance"]) <= 1.5:  # type: ignore[arg-type]
         return "local"
-    if uniform_entropy > 0 and float(row["entropy"]) >= 0.9 * uniform_entropy - 1e-9:  # type: ignore[arg-type]
-        return "broad"
     return "mixed"
