@@ -76,7 +76,8 @@ def test_max_bytes_refuses_before_allocating_with_estimate() -> None:
 def test_bad_options() -> None:
     model = encoder()
     for kwargs, pattern in [
-        ({"dtype": torch.int8}, "floating"),
+        ({"dtype": torch.int8}, "cannot hold attention weights"),
+        ({"dtype": torch.float8_e4m3fn}, "cannot hold attention weights"),
         ({"max_bytes": -1}, "non-negative"),
         ({"to": "no-such-device"}, "not a torch device"),
         ({"heads": []}, "non-empty"),

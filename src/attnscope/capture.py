@@ -18,45 +18,48 @@ The ``AttentionMaps`` yielded holds tensors only, never the model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import os
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter, default_adapters
+from .adapters.base import AttentionCall
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names, matcher
+from .lazy import LazyWeights, finish
 from .maps import AttentionMaps
+from .spill import Spill
 
 
 class _Recorder:
-    """Applies the storage options to each attention computation and appends it to the maps."""
+    """Applies the storage options to each attention call and appends it to the maps."""
 
     def __init__(
         self,
         maps: AttentionMaps,
         heads: Sequence[int] | None,
+        rows: Sequence[int] | None,
         to: torch.device,
         dtype: torch.dtype | None,
         max_bytes: int | None,
+        lazy: bool,
+        spill: Spill | None,
     ) -> None:
         self.maps = maps
         self.heads = None if heads is None else list(heads)
+        self.rows = None if rows is None else list(rows)
         self.to = to
         self.dtype = dtype
         self.max_bytes = max_bytes
+        self.keep = lazy
+        self.spill = spill
         self.bytes = 0
 
-    def record(
-        self,
-        name: str,
-        kind: str,
-        shape: tuple[int, int, int, int],
-        dtype: torch.dtype,
-        compute: Callable[[], Tensor],
-    ) -> None:
-        batch, heads, queries, keys = shape
+    def record(self, name: str, call: AttentionCall) -> None:
+        batch, heads, queries, keys = call.shape
         if self.heads is not None:
             bad = [h for h in self.heads if not -heads <= h < heads]
             if bad:
@@ -64,21 +67,38 @@ class _Recorder:
                     f"heads={self.heads}: {name!r} has {heads} heads (0..{heads - 1})"
                 )
             heads = len(self.heads)
-        itemsize = (self.dtype or dtype).itemsize
-        estimate = batch * heads * queries * keys * itemsize
+        rows = None
+        if self.rows is not None:
+            bad = [r for r in self.rows if not -queries <= r < queries]
+            if bad:
+                raise AttnScopeError(
+                    f"rows={self.rows}: {name!r} has {queries} query positions "
+                    f"(0..{queries - 1}, or -{queries}..-1 from the end)"
+                )
+            rows = torch.tensor([r % queries for r in self.rows], dtype=torch.long)
+            queries = rows.numel()
+        if self.keep:
+            weights: Tensor | LazyWeights = LazyWeights(
+                name, call, self.heads, rows, self.to, self.dtype
+            )
+            estimate = weights.nbytes
+        else:
+            estimate = batch * heads * queries * keys * (self.dtype or call.dtype).itemsize
         if self.max_bytes is not None and self.bytes + estimate > self.max_bytes:
             raise AttnScopeError(
                 f"capture refused before allocating: {name!r} needs {estimate:,} bytes "
-                f"({batch}x{heads}x{queries}x{keys} {self.dtype or dtype}), {self.bytes:,} are "
-                f"held already, max_bytes={self.max_bytes:,}. Raise max_bytes, capture fewer "
-                "modules (include=/exclude=) or heads (heads=), or store a smaller dtype."
+                f"({batch}x{heads}x{queries}x{keys} {self.dtype or call.dtype}), {self.bytes:,} "
+                f"are held already, max_bytes={self.max_bytes:,}. Raise max_bytes, capture fewer "
+                "modules (include=/exclude=), heads (heads=) or query rows (rows=), store a "
+                "smaller dtype, or capture lazily (lazy=True) or to disk (spill=DIR)."
             )
-        weights = compute()
-        if self.heads is not None:
-            weights = weights[:, self.heads]
-        weights = weights.detach().to(device=self.to, dtype=self.dtype or weights.dtype)
-        self.bytes += weights.numel() * weights.element_size()
-        self.maps._append(name, kind, weights)
+        if not self.keep:
+            weights = finish(call.compute(rows), self.heads, self.to, self.dtype)
+            if self.spill is not None:
+                weights = self.spill.write(name, call.kind, weights)
+                estimate = 0  # on disk, mapped: not memory the capture holds
+        self.bytes += estimate
+        self.maps._append(name, call.kind, weights, rows=self.rows)
 
 
 @contextmanager
@@ -91,6 +111,9 @@ def capture(
     to: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
     max_bytes: int | None = None,
+    rows: Sequence[int] | None = None,
+    lazy: bool = False,
+    spill: str | os.PathLike[str] | None = None,
 ) -> Iterator[AttentionMaps]:
     """Record per-head attention weights of every attention module ``model`` calls.
 
@@ -98,6 +121,12 @@ def capture(
     output is bit-identical to an uncaptured call, and PyTorch's fused encoder path stays on.
     Weights are (batch, heads, query, key), before dropout; rows of padded or fully masked
     queries are zeros.
+
+    Memory: ``include``/``exclude``, ``heads`` and ``rows`` (query positions, negative from the
+    end: ``rows=[0]`` for CLS, ``rows=[-1]`` for the last token) select at capture time, and
+    ``dtype``/``to`` apply as each module finishes. ``lazy=True`` keeps the queries, keys and
+    masks the kernels saw instead of the weights and computes weights when read;
+    ``spill="DIR"`` writes each call to disk as it is computed and maps it back.
 
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
@@ -129,6 +158,8 @@ def capture(
             f"{recognised}. If your model computes attention another way, bring your own weights "
             "with attnscope.AttentionMaps.from_tensors(...)"
         )
+    if lazy and spill is not None:
+        raise AttnScopeError("lazy=True and spill= exclude each other: choose one")
     selected = set(filter_names(available, include, exclude))
     keep_include = matcher(include) if include is not None else None
     drop = matcher(exclude) if exclude is not None else None
@@ -138,10 +169,13 @@ def capture(
 
     recorder = _Recorder(
         AttentionMaps(),
-        _check_heads(heads),
+        _check_indices(heads, "heads", "head indices"),
+        _check_indices(rows, "rows", "query positions"),
         _check_device(to),
         _check_dtype(dtype),
         _check_max_bytes(max_bytes),
+        bool(lazy),
+        None if spill is None else Spill(spill),
     )
     with ExitStack() as stack:
         for adapter, modules in found:
@@ -150,15 +184,15 @@ def capture(
         yield recorder.maps
 
 
-def _check_heads(heads: Sequence[int] | None) -> Sequence[int] | None:
-    if heads is None:
+def _check_indices(values: Sequence[int] | None, option: str, what: str) -> Sequence[int] | None:
+    if values is None:
         return None
-    if isinstance(heads, int):
-        heads = [heads]
-    heads = list(heads)
-    if not heads or not all(isinstance(h, int) and not isinstance(h, bool) for h in heads):
-        raise AttnScopeError(f"heads must be a non-empty list of head indices, got {heads!r}")
-    return heads
+    if isinstance(values, int):
+        values = [values]
+    values = list(values)
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise AttnScopeError(f"{option} must be a non-empty list of {what}, got {values!r}")
+    return values
 
 
 def _check_device(to: str | torch.device) -> torch.device:
@@ -170,10 +204,15 @@ def _check_device(to: str | torch.device) -> torch.device:
         ) from None
 
 
+STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_dtype(dtype: torch.dtype | None) -> torch.dtype | None:
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+    if dtype is not None and dtype not in STORAGE_DTYPES:
+        names = ", ".join(str(d) for d in STORAGE_DTYPES)
         raise AttnScopeError(
-            f"dtype must be a floating torch.dtype such as torch.float16, got {dtype!r}"
+            f"dtype={dtype!r} cannot hold attention weights; use one of {names} (or None for "
+            "the dtype the model computes in)"
         )
     return dtype
 

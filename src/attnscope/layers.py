@@ -30,7 +30,7 @@ def _weights(
     call = mha_call(
         mha, query, key, key_padding_mask=key_padding_mask, attn_mask=attn_mask, is_causal=is_causal
     )
-    return call.compute().detach()
+    return call.compute(None).detach()
 
 
 class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
@@ -58,7 +58,7 @@ class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
         output = super().forward(src, src_mask, src_key_padding_mask, is_causal)
         if self.store_attn_weights and not self._sa_ran:  # the fused path skipped _sa_block
             self.attn_weights = (
-                encoder_layer_call(self, src, src_mask, src_key_padding_mask).compute().detach()
+                encoder_layer_call(self, src, src_mask, src_key_padding_mask).compute(None).detach()
             )
         return output
 

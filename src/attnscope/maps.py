@@ -20,7 +20,9 @@ from torch import Tensor
 from ._version import __version__
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names
+from .lazy import LazyWeights
 from .serialization import read_safetensors, write_safetensors
+from .spill import read_spill
 
 KINDS = ("self", "causal", "cross")
 FORMAT = "attnscope.maps"
@@ -40,14 +42,17 @@ class AttentionMaps:
     """
 
     def __init__(self) -> None:
-        self._calls: dict[str, list[Tensor]] = {}
+        self._calls: dict[str, list[Tensor | LazyWeights]] = {}
         self._kinds: dict[str, str] = {}
+        self._rows: dict[str, list[int] | None] = {}
         self._tokens: Tokens | None = None
         self._target_tokens: Tokens | None = None
 
     # -- building ---------------------------------------------------------------------------
 
-    def _append(self, name: str, kind: str, weights: Tensor) -> None:
+    def _append(
+        self, name: str, kind: str, weights: Tensor | LazyWeights, rows: list[int] | None = None
+    ) -> None:
         if kind not in KINDS:
             raise AttnScopeError(f"kind must be one of {KINDS}, got {kind!r} for {name!r}")
         if weights.dim() != 4:
@@ -57,6 +62,7 @@ class AttentionMaps:
             )
         self._calls.setdefault(name, []).append(weights)
         self._kinds.setdefault(name, kind)
+        self._rows.setdefault(name, rows)
 
     @classmethod
     def from_tensors(
@@ -91,6 +97,7 @@ class AttentionMaps:
         for name in names:
             maps._calls[name] = list((calls or self._calls)[name])
             maps._kinds[name] = self._kinds[name]
+            maps._rows[name] = self._rows.get(name)
         maps._tokens, maps._target_tokens = self._tokens, self._target_tokens
         return maps
 
@@ -127,12 +134,22 @@ class AttentionMaps:
                 f"attn.calls({name!r}) for each call, or attn.concat({name!r}) to join the "
                 "steps of incremental decoding"
             )
-        return calls[0]
+        return _resolve(calls[0])
 
     def calls(self, name: str) -> list[Tensor]:
         """Every call of ``name``, in order, each (batch, heads, query, key)."""
         self._check_name(name)
-        return list(self._calls[name])
+        return [_resolve(w) for w in self._calls[name]]
+
+    def rows(self, name: str) -> list[int] | None:
+        """The query positions captured (``capture(rows=...)``), or None for all of them."""
+        self._check_name(name)
+        return self._rows.get(name)
+
+    @property
+    def lazy(self) -> bool:
+        """Whether weights are computed on access (``capture(lazy=True)``)."""
+        return any(isinstance(w, LazyWeights) for ws in self._calls.values() for w in ws)
 
     def kind(self, name: str) -> str:
         """``"self"``, ``"causal"`` or ``"cross"``."""
@@ -211,13 +228,20 @@ class AttentionMaps:
         self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> AttentionMaps:
         """A copy with every tensor moved to ``device`` and/or cast to ``dtype``."""
-        calls = {n: [w.to(device=device, dtype=dtype) for w in ws] for n, ws in self._calls.items()}
+        calls: dict[str, list[Tensor]] = {
+            n: [_resolve(w).to(device=device, dtype=dtype) for w in ws]
+            for n, ws in self._calls.items()
+        }
         return self._derive(self.names, calls)
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the weights."""
-        return sum(w.numel() * w.element_size() for ws in self._calls.values() for w in ws)
+        """Bytes held: the weights, or for a lazy capture the tensors kept to compute them."""
+        return sum(
+            w.nbytes if isinstance(w, LazyWeights) else w.numel() * w.element_size()
+            for ws in self._calls.values()
+            for w in ws
+        )
 
     # -- token labels -----------------------------------------------------------------------
 
@@ -245,8 +269,8 @@ class AttentionMaps:
                 ("query", query_labels, shape[2]),
                 ("key", key_labels, shape[3]),
             ):
-                if labels is None:
-                    continue
+                if labels is None or (axis == "query" and maps._rows.get(name) is not None):
+                    continue  # rows= kept some query positions: labels cover the whole sequence
                 for item in range(shape[0]):
                     got = len(_item(labels, item))
                     if got not in (size, _unextended(maps, name, axis, size)):
@@ -280,10 +304,11 @@ class AttentionMaps:
         """
         self._check_name(name)
         query_labels, key_labels = self._labels_for(name)
-        return (
-            None if query_labels is None else list(_item(query_labels, batch)),
-            None if key_labels is None else list(_item(key_labels, batch)),
-        )
+        queries = None if query_labels is None else list(_item(query_labels, batch))
+        rows = self._rows.get(name)
+        if queries is not None and rows is not None:
+            queries = [queries[r] for r in rows]
+        return queries, None if key_labels is None else list(_item(key_labels, batch))
 
     def _labels_for(self, name: str) -> tuple[Tokens | None, Tokens | None]:
         kind = self._kinds[name]
@@ -294,8 +319,15 @@ class AttentionMaps:
         return self._tokens, self._tokens
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        calls = self._calls[name]
-        return tuple(calls[0].shape) if len(calls) == 1 else tuple(self.concat(name).shape)
+        """The shape of ``name``'s map (its concat when called several times), computing nothing."""
+        shapes = [tuple(w.shape) for w in self._calls[name]]
+        if len(shapes) == 1:
+            return shapes[0]
+        return (*shapes[0][:2], sum(x[2] for x in shapes), max(x[3] for x in shapes))
+
+    def _single(self, name: str) -> Tensor:
+        calls = self.calls(name)
+        return calls[0] if len(calls) == 1 else self.concat(name)
 
     # -- interop ----------------------------------------------------------------------------
 
@@ -335,10 +367,6 @@ class AttentionMaps:
         tokens = key_labels or query_labels or [str(i) for i in range(weights.size(-1))]
         return {"tokens": tokens, "attention": weights}
 
-    def _single(self, name: str) -> Tensor:
-        calls = self.calls(name)
-        return calls[0] if len(calls) == 1 else self.concat(name)
-
     # -- persistence ------------------------------------------------------------------------
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -348,7 +376,7 @@ class AttentionMaps:
         for index, name in enumerate(self.names):
             keys = [f"{index}.{call}" for call in range(len(self._calls[name]))]
             calls[name] = keys
-            tensors.update(zip(keys, self._calls[name], strict=True))
+            tensors.update(zip(keys, self.calls(name), strict=True))
         header = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -358,6 +386,7 @@ class AttentionMaps:
             "calls": calls,
             "tokens": self._tokens,
             "target_tokens": self._target_tokens,
+            "rows": {n: r for n, r in self._rows.items() if r is not None},
         }
         return write_safetensors(path, tensors, {"attnscope": json.dumps(header)})
 
@@ -374,9 +403,21 @@ class AttentionMaps:
         return "\n".join(lines)
 
 
-def load(path: str | os.PathLike[str]) -> AttentionMaps:
-    """Read a capture written by ``AttentionMaps.save``; never unpickles."""
-    tensors, metadata = read_safetensors(path)
+def load(path: str | os.PathLike[str], *, memory_map: bool = False) -> AttentionMaps:
+    """Read a capture written by ``AttentionMaps.save`` (or a ``spill=`` folder); never unpickles.
+
+    A spill folder, and a file with ``memory_map=True``, are mapped, not read: weights stay on
+    disk until used.
+    """
+    folder = Path(path)
+    if folder.is_dir():
+        if not (folder / "index.json").is_file():
+            raise AttnScopeError(f"{path} is a folder without index.json: not a spilled capture")
+        maps = AttentionMaps()
+        for name, kind, weights in read_spill(folder):
+            maps._append(name, kind, weights)
+        return maps
+    tensors, metadata = read_safetensors(path, memory_map=memory_map)
     if "attnscope" not in metadata:
         raise AttnScopeError(
             f"{path}: a safetensors file, but not an attnscope capture (no metadata)"
@@ -395,9 +436,10 @@ def load(path: str | os.PathLike[str]) -> AttentionMaps:
                 f"{FORMAT_VERSION} — upgrade attnscope to read it"
             )
         maps = AttentionMaps()
+        rows = header.get("rows") or {}
         for name in header["names"]:
             for key in header["calls"][name]:
-                maps._append(name, header["kinds"][name], tensors[key])
+                maps._append(name, header["kinds"][name], tensors[key], rows=rows.get(name))
         return maps.with_tokens(header.get("tokens"), header.get("target_tokens"))
     except (KeyError, TypeError, ValueError) as error:
         raise AttnScopeError(f"{path}: attnscope metadata is damaged ({error!r})") from None
@@ -419,6 +461,10 @@ def _check_tokens(tokens: Tokens | None, what: str) -> Tokens | None:
     ):
         return [[str(s) for s in t] for t in tokens]
     raise AttnScopeError(f"{what} must be a list of str or a list of lists of str")
+
+
+def _resolve(weights: Tensor | LazyWeights) -> Tensor:
+    return weights.materialize() if isinstance(weights, LazyWeights) else weights
 
 
 def _ids_to_tokens(tokenizer: Any, ids: Any) -> list[list[str]]:

@@ -90,8 +90,14 @@ def write_safetensors(
     return target
 
 
-def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Read a safetensors file into CPU tensors and its metadata; never unpickles."""
+def read_safetensors(
+    path: str | os.PathLike[str], *, memory_map: bool = False
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Read a safetensors file into CPU tensors and its metadata; never unpickles.
+
+    With ``memory_map`` the tensors are views of a private (copy-on-write) mapping of the file:
+    nothing is read until used, and memory holds only the pages touched.
+    """
     source = Path(path)
     try:
         size = source.stat().st_size
@@ -110,7 +116,8 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
                 header = json.loads(file.read(header_len).decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as error:
                 raise _bad(source, f"the header is not valid JSON ({error})") from None
-            data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if size > 8 else None
+            access = mmap.ACCESS_COPY if memory_map else mmap.ACCESS_READ
+            data = mmap.mmap(file.fileno(), 0, access=access) if size > 8 else None
     except FileNotFoundError:
         raise AttnScopeError(f"{source}: no such file") from None
     except IsADirectoryError:
@@ -128,13 +135,17 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], d
         if start + end > size:
             raise _bad(source, f"tensor {key!r} runs past the end of the file (truncated?)")
         assert data is not None
-        raw = bytearray(data[start + begin : start + end])
-        flat = (
-            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        )
+        if end == begin:
+            flat = torch.empty(0, dtype=torch.uint8)
+        elif memory_map:
+            flat = torch.frombuffer(
+                data, dtype=torch.uint8, offset=start + begin, count=end - begin
+            )
+        else:
+            flat = torch.frombuffer(bytearray(data[start + begin : start + end]), dtype=torch.uint8)
         tensors[key] = flat.view(dtype).reshape(shape)
         end_of_data = max(end_of_data, end)
-    if data is not None:
+    if data is not None and not memory_map:
         data.close()
     if start + end_of_data != size:
         raise _bad(source, f"{size - start - end_of_data} bytes after the last tensor")

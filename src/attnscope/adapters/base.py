@@ -4,23 +4,35 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor, nn
 
 
-class Recorder(Protocol):
-    """Receives one attention computation; calls ``compute`` only if it keeps the weights."""
+@dataclass
+class AttentionCall:
+    """One attention computation, ready to produce its weights on demand.
 
-    def record(
-        self,
-        name: str,
-        kind: str,
-        shape: tuple[int, int, int, int],
-        dtype: torch.dtype,
-        compute: Callable[[], Tensor],
-    ) -> None: ...
+    ``compute(rows)`` gives (batch, heads, query, key) weights, for the query positions
+    ``rows`` (a LongTensor) only when given. ``held`` are the tensors it reads, which a lazy
+    capture keeps instead of the weights.
+    """
+
+    kind: str
+    shape: tuple[int, int, int, int]
+    dtype: torch.dtype
+    compute: Callable[[Tensor | None], Tensor]
+    held: tuple[Tensor, ...] = ()
+
+
+class Recorder(Protocol):
+    """Receives each attention computation; calls ``compute`` only when and as it needs."""
+
+    keep: bool  # lazy: computations run later, so adapters copy what may change meanwhile
+
+    def record(self, name: str, call: AttentionCall) -> None: ...
 
 
 class Adapter(Protocol):

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from ..errors import AttnScopeError
 from ..patching import Proceed, observe
 from ..recompute import is_causal_mask, softmax_weights
-from .base import Recorder
+from .base import AttentionCall, Recorder
 
 _TORCH_NN_ATTENTION = (
     nn.MultiheadAttention,
@@ -228,11 +228,9 @@ class _SdpaSession:
         frame = next((f for f in reversed(self.running) if f.module is module), None)
         call = _SdpaArgs(*args, **kwargs)
         known = self.kinds.get(id(module))
-        kind, shape, compute = sdpa_call(
-            call, module, cross=frame is not None and frame.cross, kind=known
-        )
-        self.kinds[id(module)] = kind
-        self.recorder.record(name, kind, shape, call.query.dtype, compute)
+        attention = sdpa_call(call, module, cross=frame is not None and frame.cross, kind=known)
+        self.kinds[id(module)] = attention.kind
+        self.recorder.record(name, attention)
         if frame is not None:
             frame.recorded += 1
 
@@ -276,7 +274,16 @@ class _SdpaSession:
             # keys no query may see (padding) have all-zero columns; their query rows are padding
             weights = _zero_padding_rows(weights, weights == 0)
         shape = (weights.size(0), weights.size(1), weights.size(2), weights.size(3))
-        self.recorder.record(name, kind, shape, weights.dtype, lambda: weights)
+        self.recorder.record(
+            name,
+            AttentionCall(
+                kind,
+                shape,
+                weights.dtype,
+                lambda rows: weights if rows is None else weights[:, :, rows],
+                (weights,),
+            ),
+        )
 
 
 def _implementation(module: nn.Module) -> str | None:
@@ -302,8 +309,8 @@ def sdpa_call(
     *,
     cross: bool = False,
     kind: str | None = None,
-) -> tuple[str, tuple[int, int, int, int], Callable[[], Tensor]]:
-    """Kind, (batch, heads, query, key) shape and a recompute of one sdpa call's weights."""
+) -> AttentionCall:
+    """The kind, (batch, heads, query, key) shape and recompute of one sdpa call's weights."""
     query, key = call.query, call.key
     if query.dim() == 3:
         query, key = query.unsqueeze(1), key.unsqueeze(1)
@@ -321,47 +328,50 @@ def sdpa_call(
     if packed:
         heads, queries = heads * queries, 1
     hidden = _hidden(mask)
-    if kind is not None:
-        pass
-    elif cross:
-        kind = "cross"
-    elif (
-        call.is_causal
-        or getattr(module, "is_causal", False)
-        or (hidden is not None and queries == keys and is_causal_mask(hidden))
-    ):
-        kind = "causal"
-    else:
-        kind = "self"
+    if kind is None:
+        if cross:
+            kind = "cross"
+        elif (
+            call.is_causal
+            or getattr(module, "is_causal", False)
+            or (hidden is not None and queries == keys and is_causal_mask(hidden))
+        ):
+            kind = "causal"
+        else:
+            kind = "self"
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
+    zero_padding = hidden is not None and kind != "cross" and queries == keys and not packed
+    is_causal = call.is_causal
 
-    def compute() -> Tensor:
+    def compute(rows: Tensor | None = None) -> Tensor:
         with torch.no_grad():
-            k = key
-            if k.size(1) != query.size(1):  # grouped-query attention: one map per query head
-                k = k.repeat_interleave(query.size(1) // k.size(1), dim=1)
+            q, k, m = query, key, mask
+            if k.size(1) != q.size(1):  # grouped-query attention: one map per query head
+                k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            if rows is not None and not packed:
+                q = q[:, :, rows]
+                if m is not None and m.size(-2) > 1:
+                    m = m[..., rows, :]
             additive = None
-            if call.is_causal:
-                additive = _additive_from_hidden(
-                    torch.ones(query.size(-2), keys, dtype=torch.bool, device=k.device)
-                    .tril()
-                    .logical_not(),
-                    query.dtype,
-                )
-            elif mask is not None:
+            if is_causal:
+                future = torch.ones(query.size(-2), keys, dtype=torch.bool, device=k.device)
+                future = future.tril().logical_not()
+                additive = _additive_from_hidden(future if rows is None else future[rows], q.dtype)
+            elif m is not None:
                 additive = (
-                    mask.to(query.dtype)
-                    if mask.dtype != torch.bool
-                    else _additive_from_hidden(~mask, query.dtype)
+                    m.to(q.dtype) if m.dtype != torch.bool else _additive_from_hidden(~m, q.dtype)
                 )
-            weights = softmax_weights(query, k, scale, additive)
+            weights = softmax_weights(q, k, scale, additive)
             if packed:
                 weights = weights.reshape(batch, heads, 1, keys)
-            elif hidden is not None and kind != "cross" and queries == keys:
-                weights = _zero_padding_rows(weights, hidden)
+                return weights if rows is None else weights[:, :, rows]
+            if zero_padding:
+                assert hidden is not None
+                weights = _zero_padding_rows(weights, hidden, rows)
             return weights
 
-    return kind, (batch, heads, queries, keys), compute
+    held = tuple(t for t in (query, key, mask) if t is not None)
+    return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held)
 
 
 def _packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> bool:
@@ -395,13 +405,17 @@ def _additive_from_hidden(hidden: Tensor, dtype: torch.dtype) -> Tensor:
     )
 
 
-def _zero_padding_rows(weights: Tensor, hidden: Tensor) -> Tensor:
-    """Zero the rows of padded queries: positions whose key column is hidden from every query."""
+def _zero_padding_rows(weights: Tensor, hidden: Tensor, rows: Tensor | None = None) -> Tensor:
+    """Zero the rows of padded queries: positions whose key column is hidden from every query.
+
+    ``hidden`` covers every query; ``weights`` has the query positions ``rows`` (all if None).
+    """
     while hidden.dim() < 4:
         hidden = hidden.unsqueeze(0)
-    hidden = hidden.expand(*hidden.shape[:-2], weights.size(-2), weights.size(-1))
+    keys = weights.size(-1)
+    hidden = hidden.expand(*hidden.shape[:-2], hidden.size(-2), keys)
     padding = hidden.all(dim=-2).all(dim=1)  # (batch or 1, keys)
     if not bool(padding.any()):
         return weights
-    rows = padding.view(padding.size(0), 1, -1, 1)
-    return weights.masked_fill(rows, 0.0)
+    positions = padding if rows is None else padding[:, rows]
+    return weights.masked_fill(positions.view(positions.size(0), 1, -1, 1), 0.0)

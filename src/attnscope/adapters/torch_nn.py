@@ -37,19 +37,9 @@ from torch import Tensor, nn
 from ..errors import AttnScopeError
 from ..patching import Proceed, observe
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
-from .base import Recorder
+from .base import AttentionCall, Recorder
 
 _MHA = nn.MultiheadAttention
-
-
-@dataclass
-class AttentionCall:
-    """One attention computation, ready to produce its weights on demand."""
-
-    kind: str
-    shape: tuple[int, int, int, int]
-    dtype: torch.dtype
-    compute: Callable[[], Tensor]
 
 
 def _bind(
@@ -69,6 +59,50 @@ def _padding_from_nested(nested: Tensor, length: int | None = None) -> tuple[Ten
     return padded, padding
 
 
+@dataclass(frozen=True)
+class _Projection:
+    """What of an ``nn.MultiheadAttention`` the weights depend on (views, or copies to keep)."""
+
+    w_q: Tensor
+    w_k: Tensor
+    b_q: Tensor | None
+    b_k: Tensor | None
+    bias_k: Tensor | None
+    add_zero_attn: bool
+    heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, mha: nn.MultiheadAttention, keep: bool) -> _Projection:
+        embed = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            assert mha.in_proj_weight is not None
+            w_q, w_k = mha.in_proj_weight[:embed], mha.in_proj_weight[embed : 2 * embed]
+        else:
+            w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+        bias = mha.in_proj_bias
+        b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
+
+        def own(t: Tensor) -> Tensor:
+            # a lazy capture must not see later in-place updates (an optimizer step)
+            return t.detach().clone() if keep else t.detach()
+
+        def maybe(t: Tensor | None) -> Tensor | None:
+            return None if t is None else own(t)
+
+        assert w_q is not None and w_k is not None
+        return cls(
+            own(w_q),
+            own(w_k),
+            maybe(b_q),
+            maybe(b_k),
+            maybe(mha.bias_k),
+            mha.add_zero_attn,
+            mha.num_heads,
+            mha.head_dim,
+        )
+
+
 def mha_call(
     mha: nn.MultiheadAttention,
     query: Tensor,
@@ -78,14 +112,17 @@ def mha_call(
     attn_mask: Tensor | None = None,
     is_causal: bool = False,
     need_weights: bool = False,
+    keep: bool = False,
 ) -> AttentionCall:
     """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
+
+    ``keep`` copies the projection weights, for a computation that may run much later.
 
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
     >>> x = torch.randn(3, 5, 8)
     >>> call = mha_call(mha, x, x)
-    >>> call.kind, call.shape
-    ('self', (3, 2, 5, 5))
+    >>> call.kind, call.shape, tuple(call.compute(torch.tensor([0, 4])).shape)
+    ('self', (3, 2, 5, 5), (3, 2, 2, 5))
     """
     self_attention = query is key
     if query.is_nested:  # MHA's native path takes nested self-attention, without masks
@@ -112,60 +149,67 @@ def mha_call(
         kind = "causal" if is_causal or is_causal_mask(attn_mask) else "self"
     else:
         kind = "cross"
+    projection = _Projection.of(mha, keep)
+    mask = None if use_causal else attn_mask
 
-    def compute() -> Tensor:
+    def compute(rows: Tensor | None = None) -> Tensor:
         with torch.no_grad():
             return _mha_weights(
-                mha,
+                projection,
                 query_lbe,
                 key_lbe,
                 key_padding_mask,
-                None if use_causal else attn_mask,
+                mask,
                 use_causal,
+                rows,
                 zero_padded_queries=self_attention,
             )
 
-    return AttentionCall(kind, (batch, mha.num_heads, query_len, key_len), query.dtype, compute)
+    held = tuple(t for t in (query_lbe, key_lbe, key_padding_mask, mask) if t is not None)
+    return AttentionCall(
+        kind, (batch, mha.num_heads, query_len, key_len), query.dtype, compute, held
+    )
 
 
 def _mha_weights(
-    mha: nn.MultiheadAttention,
+    p: _Projection,
     query: Tensor,
     key: Tensor,
     key_padding_mask: Tensor | None,
     attn_mask: Tensor | None,
     causal: bool,
+    rows: Tensor | None,
     *,
     zero_padded_queries: bool,
 ) -> Tensor:
-    """``F.multi_head_attention_forward``'s weights, from (L, B, E) query and (S, B, E) key."""
-    query_len, batch, embed = query.shape
-    heads, head_dim = mha.num_heads, mha.head_dim
-    if mha._qkv_same_embed_dim:
-        assert mha.in_proj_weight is not None
-        w_q, w_k = mha.in_proj_weight[:embed], mha.in_proj_weight[embed : 2 * embed]
-    else:
-        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
-    bias = mha.in_proj_bias
-    b_q, b_k = (None, None) if bias is None else (bias[:embed], bias[embed : 2 * embed])
-    q = F.linear(query, w_q, b_q)
-    k = F.linear(key, w_k, b_k)
+    """``F.multi_head_attention_forward``'s weights, from (L, B, E) query and (S, B, E) key,
+    for every query or only the query positions ``rows``."""
+    full_len, batch, _ = query.shape
+    if rows is not None:
+        query = query[rows]
+        if attn_mask is not None:
+            attn_mask = attn_mask[rows] if attn_mask.dim() == 2 else attn_mask[:, rows]
+    query_len = query.size(0)
+    heads, head_dim = p.heads, p.head_dim
+    q = F.linear(query, p.w_q, p.b_q)
+    k = F.linear(key, p.w_k, p.b_k)
     dtype = q.dtype
     mask = additive_mask(attn_mask, dtype)
     padding = additive_mask(key_padding_mask, dtype)
-    if mha.bias_k is not None:
-        k = torch.cat([k, mha.bias_k.to(k.dtype).repeat(1, batch, 1)])
+    if p.bias_k is not None:
+        k = torch.cat([k, p.bias_k.to(k.dtype).repeat(1, batch, 1)])
         mask = None if mask is None else F.pad(mask, (0, 1))
         padding = None if padding is None else F.pad(padding, (0, 1))
     q = q.view(query_len, batch, heads, head_dim).permute(1, 2, 0, 3)
     k = k.view(k.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
-    if mha.add_zero_attn:
+    if p.add_zero_attn:
         k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
         mask = None if mask is None else F.pad(mask, (0, 1))
         padding = None if padding is None else F.pad(padding, (0, 1))
     key_len = k.size(2)
     if causal:
-        mask = causal_additive_mask(query_len, key_len, dtype, q.device)
+        mask = causal_additive_mask(full_len, key_len, dtype, q.device)
+        mask = mask if rows is None else mask[rows]
     elif mask is not None:
         mask = mask.view(batch, heads, query_len, key_len) if mask.dim() == 3 else mask
     if padding is not None:
@@ -173,18 +217,19 @@ def _mha_weights(
         mask = padding if mask is None else mask + padding
     weights = softmax_weights(q, k, math.sqrt(1.0 / float(head_dim)), mask)
     if zero_padded_queries and key_padding_mask is not None:
-        weights = _zero_padded_rows(weights, key_padding_mask)
+        positions = torch.arange(full_len, device=weights.device) if rows is None else rows
+        weights = _zero_padded_rows(weights, key_padding_mask, positions)
     return weights
 
 
-def _zero_padded_rows(weights: Tensor, key_padding_mask: Tensor) -> Tensor:
-    query_len = weights.size(-2)
+def _zero_padded_rows(weights: Tensor, key_padding_mask: Tensor, positions: Tensor) -> Tensor:
+    """Zero the rows whose query position (``positions``, one per row) is padding."""
     padded = (
         key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.isneginf()
     )
-    if padded.size(-1) < query_len:
+    if padded.size(-1) <= int(positions.max()):
         return weights
-    rows = padded[..., :query_len].reshape(weights.size(0), 1, query_len, 1)
+    rows = padded[..., positions].reshape(weights.size(0), 1, positions.numel(), 1)
     return weights.masked_fill(rows, 0.0)
 
 
@@ -206,7 +251,9 @@ def returned_weights(
     query = bound["query"]
     padding = bound["key_padding_mask"]
     if bound["query"] is bound["key"] and padding is not None and not query.is_nested:
-        weights = _zero_padded_rows(weights, padding if padding.dim() == 2 else padding[None])
+        padding = padding if padding.dim() == 2 else padding[None]
+        positions = torch.arange(weights.size(-2), device=weights.device)
+        weights = _zero_padded_rows(weights, padding, positions)
     return weights
 
 
@@ -270,10 +317,18 @@ class _Session:
             attn_mask=bound["attn_mask"],
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
+            keep=self.recorder.keep,
         )
         given = returned_weights(module, output, bound)
-        compute = call.compute if given is None else (lambda: given)
-        self.recorder.record(self.names[id(module)], call.kind, call.shape, call.dtype, compute)
+        if given is not None:  # MHA returned exactly these weights itself: no recompute
+            call = AttentionCall(
+                call.kind,
+                call.shape,
+                given.dtype,
+                lambda rows: given if rows is None else given[:, :, rows],
+                (given,),
+            )
+        self.recorder.record(self.names[id(module)], call)
         return output
 
     def observe_encoder_layer(
@@ -295,11 +350,14 @@ class _Session:
             ) from error
         outer = self.encoders[-1] if self.encoders else None
         call = encoder_layer_call(
-            module, bound["src"], bound["src_mask"], bound["src_key_padding_mask"], outer
+            module,
+            bound["src"],
+            bound["src_mask"],
+            bound["src_key_padding_mask"],
+            outer,
+            keep=self.recorder.keep,
         )
-        self.recorder.record(
-            self.names[id(attention)], call.kind, call.shape, call.dtype, call.compute
-        )
+        self.recorder.record(self.names[id(attention)], call)
         return output
 
     def observe_encoder(
@@ -325,6 +383,8 @@ def encoder_layer_call(
     src_mask: Tensor | None,
     src_key_padding_mask: Tensor | None,
     outer: _EncoderFrame | None = None,
+    *,
+    keep: bool = False,
 ) -> AttentionCall:
     """The self-attention of an encoder layer as its slow path would have computed it.
 
@@ -353,4 +413,5 @@ def encoder_layer_call(
         attn_mask=src_mask,
         is_causal=False,
         need_weights=False,
+        keep=keep,
     )

@@ -1,0 +1,81 @@
+"""Lazy weights: what is needed to compute one call's attention weights, computed on access.
+
+A lazy capture keeps, per attention call, the tensors its recompute reads (``held``: the
+queries and keys the kernel saw, or the inputs of a fused PyTorch layer, and the masks) instead
+of the (batch, heads, query, key) weights, so it holds O(L) per call instead of O(L²) and costs
+almost nothing during the forward. The weights are computed whenever they are read, exactly
+as an eager capture computes them. A held tensor that the model later changes in place (a
+static KV cache, say) would give other weights, so each keeps its version counter and a change
+raises instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .adapters.base import AttentionCall
+from .errors import AttnScopeError
+
+
+class LazyWeights:
+    """One call's weights, computed on access with the capture's heads, rows, device and dtype."""
+
+    def __init__(
+        self,
+        name: str,
+        call: AttentionCall,
+        heads: list[int] | None,
+        rows: Tensor | None,
+        device: torch.device,
+        dtype: torch.dtype | None,
+    ) -> None:
+        self.name = name
+        self._call = call
+        self._heads = heads
+        self._rows = rows
+        self._device = device
+        self._dtype = dtype
+        self._versions = [t._version for t in call.held]
+        batch, heads_total, queries, keys = call.shape
+        self.shape = torch.Size(
+            (
+                batch,
+                heads_total if heads is None else len(heads),
+                queries if rows is None else rows.numel(),
+                keys,
+            )
+        )
+        self.dtype = dtype or call.dtype
+
+    def dim(self) -> int:
+        return 4
+
+    def materialize(self) -> Tensor:
+        """Compute the weights now (nothing is cached: reading twice computes twice)."""
+        for tensor, version in zip(self._call.held, self._versions, strict=True):
+            if tensor._version != version:
+                raise AttnScopeError(
+                    f"{self.name}: a tensor this lazy capture holds was changed in place after "
+                    "the forward (e.g. a static KV cache), so its weights can no longer be "
+                    "computed exactly; capture with lazy=False"
+                )
+        return finish(self._call.compute(self._rows), self._heads, self._device, self._dtype)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the held tensors (shared storages counted once)."""
+        seen: dict[int, int] = {}
+        for tensor in self._call.held:
+            storage = tensor.untyped_storage()
+            seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+
+def finish(
+    weights: Tensor, heads: list[int] | None, device: torch.device, dtype: torch.dtype | None
+) -> Tensor:
+    """Keep the selected heads, detach, move and cast: what every capture stores."""
+    if heads is not None:
+        weights = weights[:, heads]
+    return weights.detach().to(device=device, dtype=dtype or weights.dtype)
