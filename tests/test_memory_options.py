@@ -1,0 +1,214 @@
+"""rows=, lazy=True and spill=DIR give the same weights as a full capture, holding less."""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import attnscope
+from attnscope import AttnScopeError
+from models import encoder, padding, sequence, transformer
+
+
+def full_and(model: nn.Module, run, **options):
+    with torch.no_grad(), attnscope.capture(model) as full:
+        run()
+    with torch.no_grad(), attnscope.capture(model, **options) as other:
+        run()
+    return full, other
+
+
+def test_rows_select_query_positions_for_mha_and_fused_paths() -> None:
+    model = encoder().eval()
+    x, pad = sequence(3, 6), padding([6, 4, 5], 6)
+    full, some = full_and(model, lambda: model(x, src_key_padding_mask=pad), rows=[0, -1])
+    for name in full.names:
+        assert some[name].shape == (3, 4, 2, 6)
+        torch.testing.assert_close(some[name], full[name][:, :, [0, 5]], atol=1e-6, rtol=0)
+        assert some.rows(name) == [0, -1]
+    model.train()  # slow path, with the causal hint
+    causal = nn.Transformer.generate_square_subsequent_mask(6)
+    full, some = full_and(model, lambda: model(x, mask=causal, is_causal=True), rows=[2])
+    for name in full.names:
+        torch.testing.assert_close(some[name], full[name][:, :, [2]], atol=1e-6, rtol=0)
+
+
+def test_rows_on_hf_sdpa_and_labels_follow() -> None:
+    pytest.importorskip("transformers")
+    from hf_models import build
+
+    family = build("llama")
+    full, last = full_and(family.model, lambda: family.model(**family.inputs), rows=[-1])
+    for name in full.names:
+        torch.testing.assert_close(last[name], full[name][:, :, [-1]], atol=1e-6, rtol=0)
+    tokens = [f"t{i}" for i in range(9)]
+    labelled = last.with_tokens(tokens)
+    assert labelled.labels(last.names[0]) == (["t8"], tokens)
+
+
+def test_rows_outside_the_sequence_is_a_clear_error() -> None:
+    model = encoder().eval()
+    with (
+        pytest.raises(AttnScopeError, match=r"rows=\[6\].*6 query positions"),
+        torch.no_grad(),
+        attnscope.capture(model, rows=[6]),
+    ):
+        model(sequence(1, 6))
+    with (
+        pytest.raises(AttnScopeError, match="non-empty list of query positions"),
+        attnscope.capture(model, rows=[]),
+    ):
+        pass
+
+
+@pytest.mark.parametrize("which", ["encoder", "transformer", "hf"])
+def test_lazy_equals_eager_and_holds_less(which: str) -> None:
+    if which == "encoder":
+        model = encoder().eval()
+        x, pad = sequence(2, 64), padding([64, 50], 64)
+
+        def run() -> None:
+            model(x, src_key_padding_mask=pad)
+    elif which == "transformer":
+        model = transformer().eval()
+        src, tgt = sequence(2, 40), sequence(2, 30, seed=3)
+
+        def run() -> None:
+            model(src, tgt, tgt_mask=nn.Transformer.generate_square_subsequent_mask(30))
+    else:
+        pytest.importorskip("transformers")
+        from hf_models import build
+
+        family = build("bart")
+        model = family.model
+
+        def run() -> None:
+            model(**family.inputs)
+
+    full, lazy = full_and(model, run, lazy=True)
+    assert lazy.lazy
+    assert lazy.names == full.names
+    for name in full.names:
+        assert lazy.kind(name) == full.kind(name)
+        torch.testing.assert_close(lazy[name], full[name], atol=1e-6, rtol=0)
+    if which != "hf":
+        assert lazy.nbytes < full.nbytes
+
+
+def test_lazy_does_not_see_later_weight_updates_and_refuses_in_place_changes() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(1, 5, 8)
+    with torch.no_grad(), attnscope.capture(mha) as eager:
+        mha(x, x, x, need_weights=False)
+    with torch.no_grad(), attnscope.capture(mha, lazy=True) as lazy:
+        mha(x, x, x, need_weights=False)
+    with torch.no_grad():
+        mha.in_proj_weight.mul_(3.0)  # an optimizer step after the capture
+    torch.testing.assert_close(lazy[""], eager[""], atol=1e-6, rtol=0)
+    x.add_(1.0)  # the held input itself changes in place
+    with pytest.raises(AttnScopeError, match=r"changed in place.*lazy=False"):
+        lazy[""]
+
+
+def test_lazy_heads_dtype_and_save(tmp_path: Path) -> None:
+    model = encoder().eval()
+    x = sequence(2, 7)
+    full, lazy = full_and(model, lambda: model(x), lazy=True, heads=[1], dtype=torch.float16)
+    for name in full.names:
+        assert lazy[name].dtype == torch.float16
+        torch.testing.assert_close(lazy[name].float(), full[name][:, [1]], atol=1e-3, rtol=0)
+    loaded = attnscope.load(lazy.save(tmp_path / "lazy.safetensors"))
+    assert not loaded.lazy
+    assert torch.equal(loaded[full.names[0]], lazy[full.names[0]])
+
+
+def test_spill_writes_each_call_and_maps_it_back(tmp_path: Path) -> None:
+    model = transformer().eval()
+    src, tgt = sequence(2, 12), sequence(2, 9, seed=3)
+    folder = tmp_path / "spill"
+    full, spilled = full_and(model, lambda: model(src, tgt), spill=folder)
+    files = sorted(p.name for p in folder.iterdir())
+    assert files == [f"{i:05d}.safetensors" for i in range(6)] + ["index.json"]
+    assert spilled.names == full.names
+    for name in full.names:
+        assert torch.equal(spilled[name], full[name])
+    assert spilled.nbytes == full.nbytes  # what the maps describe; memory is the page cache
+    reloaded = attnscope.load(folder)
+    for name in full.names:
+        assert torch.equal(reloaded[name], full[name])
+        assert reloaded.kind(name) == full.kind(name)
+    with (
+        pytest.raises(AttnScopeError, match="already holds a spilled capture"),
+        attnscope.capture(model, spill=folder),
+    ):
+        pass
+
+
+def test_spill_errors_leave_complete_files_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = transformer().eval()
+    blocked = tmp_path / "file-not-folder"
+    blocked.write_text("x")
+    with (
+        pytest.raises(AttnScopeError, match="cannot write there"),
+        attnscope.capture(model, spill=blocked),
+    ):
+        pass
+    if os.geteuid() != 0:  # root writes anywhere; the chmod case only means something for users
+        readonly = tmp_path / "ro"
+        readonly.mkdir(mode=0o500)
+        with (
+            pytest.raises(AttnScopeError, match="cannot write there"),
+            attnscope.capture(model, spill=readonly),
+        ):
+            pass
+    folder = tmp_path / "full"
+    calls = {"n": 0}
+    import attnscope.spill as spill_module
+
+    original = spill_module.write_safetensors
+
+    def disk_fills_up(path, tensors, metadata):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise OSError(28, "No space left on device")
+        return original(path, tensors, metadata)
+
+    monkeypatch.setattr(spill_module, "write_safetensors", disk_fills_up)
+    with (
+        pytest.raises(AttnScopeError, match=r"No space left.*2 calls before it are complete"),
+        torch.no_grad(),
+        attnscope.capture(model, spill=folder),
+    ):
+        model(sequence(1, 5), sequence(1, 4, seed=2))
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "00000.safetensors",
+        "00001.safetensors",
+        "index.json",
+    ]
+    assert len(attnscope.load(folder).names) == 2
+
+
+def test_lazy_and_spill_exclude_each_other(tmp_path: Path) -> None:
+    with (
+        pytest.raises(AttnScopeError, match="choose one"),
+        attnscope.capture(encoder(), lazy=True, spill=tmp_path / "s"),
+    ):
+        pass
+
+
+def test_memory_mapped_file_load(tmp_path: Path) -> None:
+    maps = attnscope.AttentionMaps.from_tensors({"a": torch.rand(2, 3, 4, 4)})
+    path = maps.save(tmp_path / "m.safetensors")
+    mapped = attnscope.load(path, memory_map=True)
+    assert torch.equal(mapped["a"], maps["a"])
+    path.unlink()  # the mapping keeps the data readable, as a mapped file does
+    gc.collect()
+    assert torch.equal(mapped["a"], maps["a"])
