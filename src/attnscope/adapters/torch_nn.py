@@ -23,6 +23,7 @@ Restored on exit: the ``forward`` instance attributes, through the observer hand
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 from collections.abc import Callable
@@ -42,10 +43,15 @@ from .base import AttentionCall, Recorder
 _MHA = nn.MultiheadAttention
 
 
+@functools.lru_cache(maxsize=64)
+def _signature(method: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(method)
+
+
 def _bind(
     method: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> dict[str, Any]:
-    bound = inspect.signature(method).bind(*args, **kwargs)
+    bound = _signature(method).bind(*args, **kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
 
