@@ -55,20 +55,20 @@ def write_safetensors(
     """
     target = Path(path)
     header: dict[str, object] = {"__metadata__": dict(metadata)}
-    blobs: list[bytes] = []
+    blobs: list[Tensor] = []
     offset = 0
     for key, tensor in tensors.items():
         if tensor.dtype not in _DTYPES:
             raise AttnScopeError(f"cannot save tensor {key!r} of dtype {tensor.dtype}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        blob = data.numpy().tobytes() if data.numel() else b""
+        blob = data  # written through the buffer protocol below: no copy of the bytes
         header[key] = {
             "dtype": _DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
-            "data_offsets": [offset, offset + len(blob)],
+            "data_offsets": [offset, offset + blob.numel()],
         }
         blobs.append(blob)
-        offset += len(blob)
+        offset += blob.numel()
     encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
     encoded += b" " * (-len(encoded) % 8)
     folder = target.parent if str(target.parent) else Path(".")
@@ -80,7 +80,8 @@ def write_safetensors(
             file.write(struct.pack("<Q", len(encoded)))
             file.write(encoded)
             for blob in blobs:
-                file.write(blob)
+                if blob.numel():
+                    file.write(memoryview(blob.numpy()))
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, target)
