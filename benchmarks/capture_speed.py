@@ -25,25 +25,7 @@ import torch
 from torch import Tensor, nn
 
 import attnscope
-
-
-class SeedEncoderLayer(nn.TransformerEncoderLayer):
-    """The seed idea: store weights from _sa_block with need_weights=True."""
-
-    attn_weights: Tensor | None = None
-
-    def _sa_block(self, x, attn_mask, key_padding_mask, is_causal=False):  # type: ignore[no-untyped-def]
-        out, self.attn_weights = self.self_attn(
-            x,
-            x,
-            x,
-            attn_mask=attn_mask,
-            key_padding_mask=key_padding_mask,
-            need_weights=True,
-            average_attn_weights=False,
-            is_causal=is_causal,
-        )
-        return self.dropout1(out)
+from perf import SeedEncoderLayer  # the seed's way, shared with perf.py
 
 
 def build(layer_cls: type[nn.TransformerEncoderLayer]) -> nn.Module:
