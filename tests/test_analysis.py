@@ -216,6 +216,9 @@ def test_alignment_against_expected() -> None:
     )
     assert result.hard.tolist() == [[0, 2, 3]]
     assert result.score == pytest.approx(2 / 3)
+    hard, score = result
+    assert score == result.score
+    assert hard is result.hard
 
 
 def test_bad_input() -> None:

@@ -114,6 +114,7 @@ def test_interop_formats() -> None:
     assert kwargs["encoder_tokens"] == ["a", "b", "c"]
     assert kwargs["decoder_tokens"] == ["<s>", "y"]
     assert torch.equal(kwargs["cross_attention"][0], pair["x"])
+    assert torch.equal(single.to_circuitsvis()["attention"], single["layer.0"][0])
     circuits = single.to_circuitsvis("layer.0")
     assert circuits["tokens"] == ["a", "b", "c"]
     assert torch.equal(circuits["attention"], single["layer.0"][0])

@@ -9,7 +9,9 @@ token ``j``. (Normalising columns instead, as some public code does, is a known 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -143,6 +145,10 @@ class Alignment:
 
     hard: Tensor  # (batch, query), -1 where the query is padding
     score: float | None  # share of (valid) queries aligned as expected, when given
+
+    def __iter__(self) -> Iterator[Any]:
+        """Unpacks as ``hard, score = attnscope.alignment(...)``."""
+        return iter((self.hard, self.score))
 
 
 def alignment(attn: AttentionMaps, name: str, expected: Tensor | None = None) -> Alignment:

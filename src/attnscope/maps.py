@@ -359,9 +359,14 @@ class AttentionMaps:
         result["decoder_tokens"] = query_labels
         return result
 
-    def to_circuitsvis(self, name: str, batch: int = 0) -> dict[str, Any]:
+    def to_circuitsvis(self, name: str | None = None, batch: int = 0) -> dict[str, Any]:
         """Keyword arguments for ``circuitsvis.attention.attention_patterns``/``attention_heads``:
-        ``tokens`` and ``attention`` as (heads, query, key)."""
+        ``tokens`` and ``attention`` as (heads, query, key), of ``name`` (default: the first
+        module)."""
+        if name is None:
+            if not self._calls:
+                raise AttnScopeError("nothing to export: this AttentionMaps is empty")
+            name = self.names[0]
         weights = self._single(name)[batch]
         query_labels, key_labels = self.labels(name, batch)
         tokens = key_labels or query_labels or [str(i) for i in range(weights.size(-1))]

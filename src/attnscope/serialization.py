@@ -81,7 +81,7 @@ def write_safetensors(
             file.write(encoded)
             for blob in blobs:
                 if blob.numel():
-                    file.write(memoryview(blob.numpy()))
+                    file.write(blob.numpy().data)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temp_name, target)
