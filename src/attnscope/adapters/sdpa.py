@@ -75,16 +75,32 @@ def _source_calls_sdpa(forward: Callable[..., Any]) -> bool:
 
 
 def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """Leaf-most modules whose class name says attention, and modules whose forward calls sdpa."""
-    named = dict(model.named_modules())
+    """Leaf-most modules whose class name says attention, and modules whose forward calls sdpa.
+
+    Modules holding PyTorch's own attention are left to the torch.nn adapter. One post-order
+    pass over the tree, so large models stay cheap.
+    """
+    has_torch_nn: dict[int, bool] = {}
+    has_inner_attention: dict[int, bool] = {}
+
+    def visit(module: nn.Module) -> tuple[bool, bool]:
+        """(holds torch.nn attention, holds a module whose name says attention), self included."""
+        key = id(module)
+        if key not in has_torch_nn:
+            children = [visit(child) for child in module.children()]
+            has_torch_nn[key] = isinstance(module, _TORCH_NN_ATTENTION) or any(
+                c[0] for c in children
+            )
+            has_inner_attention[key] = any(c[1] for c in children)
+        return has_torch_nn[key], has_inner_attention[key] or _says_attention(module)
+
+    visit(model)
     found: dict[str, nn.Module] = {}
-    for name, module in named.items():
-        if isinstance(module, _TORCH_NN_ATTENTION) or any(
-            isinstance(m, _TORCH_NN_ATTENTION) for m in module.modules()
-        ):
+    for name, module in model.named_modules():
+        if has_torch_nn[id(module)]:
             continue
-        inner = any(_says_attention(m) for m in module.modules() if m is not module)
-        if (_says_attention(module) and not inner) or _calls_sdpa(module):
+        leaf_most = _says_attention(module) and not has_inner_attention[id(module)]
+        if leaf_most or _calls_sdpa(module):
             found[name] = module
     return found
 
