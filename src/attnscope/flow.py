@@ -14,7 +14,6 @@ for ``flow`` only (extra ``attnscope[analysis]``).
 
 from __future__ import annotations
 
-import time
 
 import torch
 from torch import Tensor
@@ -95,10 +94,3 @@ def _graph(np: object, csr_matrix: type, matrices: list[Tensor]) -> object:
         ),
         shape=(size, size),
     )
-
-
-def timed_flow(attn: AttentionMaps, **kwargs: object) -> tuple[Tensor, float]:
-    """``flow`` and its wall time in seconds (for benchmarks)."""
-    start = time.perf_counter()
-    result = flow(attn, **kwargs)  # type: ignore[arg-type]
-    return result, time.perf_counter() - start
