@@ -14,7 +14,6 @@ for ``flow`` only (extra ``attnscope[analysis]``).
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor
 
