@@ -14,6 +14,7 @@ that builds the case and runs the variant twice (subprocess per variant).
 Writes benchmarks/results/perf.json.
 
     python benchmarks/perf.py [--repeats 5] [--cases enc256 hfbert-b1 ...] [--no-memory]
+                              [--device cuda]   (on a GPU: peak memory is then the device's)
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ from torch import Tensor, nn
 import attnscope
 
 L = 512
+DEVICE = torch.device("cpu")
+
+
+def synchronize() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def peak_rss_bytes() -> int:
@@ -67,7 +74,7 @@ class SeedEncoderLayer(nn.TransformerEncoderLayer):
 def _nn_encoder(layer_cls: type, layers: int, d: int, heads: int, ff: int) -> nn.Module:
     torch.manual_seed(0)
     layer = layer_cls(d, heads, dim_feedforward=ff, dropout=0.1, batch_first=True)
-    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval().to(DEVICE)
 
 
 def _capture(
@@ -100,7 +107,7 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
         plain = _nn_encoder(nn.TransformerEncoderLayer, *shape)
         ours = _nn_encoder(attnscope.TransformerEncoderLayerWithAttn, *shape)
         seed = _nn_encoder(SeedEncoderLayer, *shape)
-        x = torch.randn(batch, L, shape[1], generator=torch.Generator().manual_seed(1))
+        x = torch.randn(batch, L, shape[1], generator=torch.Generator().manual_seed(1)).to(DEVICE)
         last = f"layers.{shape[0] - 1}.self_attn"
         return {
             "fused": lambda: plain(x),
@@ -116,10 +123,11 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
         batch = 8 if case == "hfbert-b8" else 1
         config = transformers.BertConfig()  # BERT-base: 12 layers, 768, 12 heads
         torch.manual_seed(0)
-        sdpa = transformers.BertModel(config).eval()
+        sdpa = transformers.BertModel(config).eval().to(DEVICE)
         eager = copy.deepcopy(sdpa)
         eager.set_attn_implementation("eager")
         ids = torch.randint(1000, 20000, (batch, L), generator=torch.Generator().manual_seed(1))
+        ids = ids.to(DEVICE)
         last = "encoder.layer.11.attention.self"
         return {
             "sdpa": lambda: sdpa(input_ids=ids),
@@ -133,8 +141,8 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
     if case == "gpt2":
         config = transformers.GPT2Config()
         torch.manual_seed(0)
-        model = transformers.GPT2Model(config).eval()
-        ids = torch.randint(0, 50000, (1, L), generator=torch.Generator().manual_seed(1))
+        model = transformers.GPT2Model(config).eval().to(DEVICE)
+        ids = torch.randint(0, 50000, (1, L), generator=torch.Generator().manual_seed(1)).to(DEVICE)
         variants: dict[str, Callable[[], object]] = {
             "hf_sdpa": lambda: model(input_ids=ids),
             "attnscope_full": _capture(model, lambda: model(input_ids=ids)),
@@ -156,7 +164,7 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
             normalization_type="LN",
             seed=0,
         )
-        tl = HookedTransformer(tl_config).eval()
+        tl = HookedTransformer(tl_config).eval().to(DEVICE)
         variants["transformerlens_forward"] = lambda: tl(ids)
         variants["transformerlens_run_with_cache"] = lambda: tl.run_with_cache(
             ids, names_filter=lambda name: name.endswith("hook_pattern")
@@ -173,8 +181,10 @@ def time_case(case: str, repeats: int) -> dict[str, float]:
             fn()
         for _ in range(repeats):
             for name, fn in variants.items():
+                synchronize()
                 start = time.perf_counter()
                 result = fn()
+                synchronize()
                 samples[name].append(time.perf_counter() - start)
                 del result
     return {name: statistics.median(values) for name, values in samples.items()}
@@ -182,7 +192,7 @@ def time_case(case: str, repeats: int) -> dict[str, float]:
 
 def peak_rss_mb(case: str, variant: str) -> float:
     out = subprocess.run(
-        [sys.executable, __file__, "--one", case, variant],
+        [sys.executable, __file__, "--one", case, variant, "--device", str(DEVICE)],
         capture_output=True,
         text=True,
         check=True,
@@ -199,15 +209,19 @@ def main() -> None:
         default=["enc256", "nnbert-b1", "nnbert-b8", "hfbert-b1", "hfbert-b8", "gpt2"],
     )
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--one", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "perf.json"))
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.one:
         variants = build_case(args.one[0])
         with torch.no_grad():
             for _ in range(2):
                 variants[args.one[1]]()
-        print(peak_rss_bytes() / 2**20)
+        on_gpu = DEVICE.type == "cuda"
+        print(torch.cuda.max_memory_allocated() / 2**20 if on_gpu else peak_rss_bytes() / 2**20)
         return
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
@@ -218,6 +232,7 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        "device": str(DEVICE),
         "cases": dict(previous.get("cases", {})),  # cases not rerun keep their last figures
     }
     for case in args.cases:
