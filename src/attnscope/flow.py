@@ -45,7 +45,6 @@ def flow(
             [0.5000, 1.0000]])
     """
     try:
-        import numpy as np
         from scipy.sparse import csr_matrix
         from scipy.sparse.csgraph import maximum_flow
     except ImportError:
@@ -62,7 +61,7 @@ def flow(
         )
     out = torch.zeros(batch, tokens, tokens, dtype=torch.float64)
     for item in range(batch):
-        graph = _graph(np, csr_matrix, [m[item] for m in layers])
+        graph = _graph(csr_matrix, [m[item] for m in layers])
         top = len(layers) * tokens
         for query in range(tokens):
             if bool(padded[item, query]):
@@ -75,7 +74,7 @@ def flow(
     return out.float()
 
 
-def _graph(np: object, csr_matrix: type, matrices: list[Tensor]) -> object:
+def _graph(csr_matrix: type, matrices: list[Tensor]) -> object:
     """The layered graph as an int32 CSR matrix; node (l, t) is l * tokens + t."""
     tokens = matrices[0].size(-1)
     rows, cols, caps = [], [], []

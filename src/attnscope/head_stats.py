@@ -21,6 +21,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .analysis import row_entropy
 from .errors import AttnScopeError
 from .maps import AttentionMaps
 
@@ -107,7 +108,7 @@ def _stats(weights: Tensor, kind: str) -> list[dict[str, object]]:
     q = torch.arange(queries).view(queries, 1).float()
     k = torch.arange(keys).view(1, keys).float()
     distance_matrix = (q - k).abs()
-    entropy = torch.special.entr(weights).sum(-1)  # (b, h, q)
+    entropy = row_entropy(weights)  # (b, h, q)
     distance = (weights * distance_matrix).sum(-1)
     first = weights[..., 0]
     previous = torch.zeros_like(first)

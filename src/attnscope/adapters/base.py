@@ -26,6 +26,18 @@ class AttentionCall:
     compute: Callable[[Tensor | None], Tensor]
     held: tuple[Tensor, ...] = ()
 
+    @classmethod
+    def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:
+        """A call whose (batch, heads, query, key) weights the kernel already returned."""
+        batch, heads, queries, keys = weights.shape
+        return cls(
+            kind,
+            (batch, heads, queries, keys),
+            weights.dtype,
+            lambda rows: weights if rows is None else weights[:, :, rows],
+            (weights,),
+        )
+
 
 class Recorder(Protocol):
     """Receives each attention computation; calls ``compute`` only when and as it needs."""

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..errors import AttnScopeError
 from ..patching import Proceed, observe
-from ..recompute import is_causal_mask, softmax_weights
+from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from .base import AttentionCall, Recorder
 
 _TORCH_NN_ATTENTION = (
@@ -289,17 +289,7 @@ class _SdpaSession:
         if kind != "cross" and weights.size(-1) == weights.size(-2):
             # keys no query may see (padding) have all-zero columns; their query rows are padding
             weights = _zero_padding_rows(weights, weights == 0)
-        shape = (weights.size(0), weights.size(1), weights.size(2), weights.size(3))
-        self.recorder.record(
-            name,
-            AttentionCall(
-                kind,
-                shape,
-                weights.dtype,
-                lambda rows: weights if rows is None else weights[:, :, rows],
-                (weights,),
-            ),
-        )
+        self.recorder.record(name, AttentionCall.of_weights(kind, weights))
 
 
 def _implementation(module: nn.Module) -> str | None:
@@ -370,13 +360,10 @@ def sdpa_call(
                     m = m[..., rows, :]
             additive = None
             if is_causal:
-                future = torch.ones(query.size(-2), keys, dtype=torch.bool, device=k.device)
-                future = future.tril().logical_not()
-                additive = _additive_from_hidden(future if rows is None else future[rows], q.dtype)
+                additive = causal_additive_mask(query.size(-2), keys, q.dtype, k.device)
+                additive = additive if rows is None else additive[rows]
             elif m is not None:
-                additive = (
-                    m.to(q.dtype) if m.dtype != torch.bool else _additive_from_hidden(~m, q.dtype)
-                )
+                additive = additive_mask(~m if m.dtype == torch.bool else m, q.dtype)
             weights = softmax_weights(q, k, scale, additive)
             if packed:
                 weights = weights.reshape(batch, heads, 1, keys)
@@ -413,12 +400,6 @@ def _hidden(mask: Tensor | None) -> Tensor | None:
     if mask.dtype == torch.bool:
         return ~mask
     return mask <= torch.finfo(mask.dtype).min / 2
-
-
-def _additive_from_hidden(hidden: Tensor, dtype: torch.dtype) -> Tensor:
-    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(
-        hidden, float("-inf")
-    )
 
 
 def _zero_padding_rows(weights: Tensor, hidden: Tensor, rows: Tensor | None = None) -> Tensor:

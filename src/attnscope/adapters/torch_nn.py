@@ -327,13 +327,7 @@ class _Session:
         )
         given = returned_weights(module, output, bound)
         if given is not None:  # MHA returned exactly these weights itself: no recompute
-            call = AttentionCall(
-                call.kind,
-                call.shape,
-                given.dtype,
-                lambda rows: given if rows is None else given[:, :, rows],
-                (given,),
-            )
+            call = AttentionCall.of_weights(call.kind, given)
         self.recorder.record(self.names[id(module)], call)
         return output
 
