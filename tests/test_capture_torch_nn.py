@@ -105,10 +105,13 @@ def test_fused_fast_path_stays_in_use(count_calls) -> None:
         model(x, src_key_padding_mask=pad)
         without = (fused[0], nested[0])
         with attnscope.capture(model) as attn:
+            # counted inside the capture: the layers still call the fused entry point, which
+            # the capture runs op for op itself (attnscope.adapters.torch_native)
+            fused_inside = count_calls("_transformer_encoder_layer_fwd")
             model(x)
             model(x, src_key_padding_mask=pad)
     assert without == (4, 1)
-    assert (fused[0], nested[0]) == (8, 2)
+    assert (fused_inside[0], nested[0]) == (4, 2)
     assert [len(attn.calls(n)) for n in attn.names] == [2, 2]
 
 

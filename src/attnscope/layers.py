@@ -2,8 +2,9 @@
 
 Drop-in replacements (same constructor, same ``state_dict`` keys) that store per-head weights,
 (batch, heads, query, key), detached, after every forward in every mode. The encoder layer keeps
-PyTorch's fused fast path: when it runs, ``_sa_block`` is skipped and the weights are
-recomputed from the layer's input instead, exactly as ``attnscope.capture`` does.
+PyTorch's fused fast path: when it runs, ``_sa_block`` is skipped and the weights come from the
+fused kernel itself on the CPU, or are recomputed from the layer's input elsewhere, exactly as
+``attnscope.capture`` does (see ``attnscope.adapters.torch_native``).
 
 Turn storing off for a training loop with ``layer.store_attn_weights = False`` (or
 ``set_store_attn_weights(model, False)`` for every such layer in a model).
@@ -15,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from .adapters import torch_native
 from .adapters.torch_nn import encoder_layer_call, mha_call
 
 
@@ -54,12 +56,20 @@ class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
         src_key_padding_mask: Tensor | None = None,
         is_causal: bool = False,
     ) -> Tensor:
+        if not self.store_attn_weights:
+            return super().forward(src, src_mask, src_key_padding_mask, is_causal)
         self._sa_ran = False
-        output = super().forward(src, src_mask, src_key_padding_mask, is_causal)
-        if self.store_attn_weights and not self._sa_ran:  # the fused path skipped _sa_block
-            self.attn_weights = (
-                encoder_layer_call(self, src, src_mask, src_key_padding_mask).compute(None).detach()
+        deactivate = torch_native.activate()
+        try:
+            with torch_native.requested(self, self.self_attn) as request:
+                output = super().forward(src, src_mask, src_key_padding_mask, is_causal)
+        finally:
+            deactivate()
+        if not self._sa_ran:  # the fused path skipped _sa_block
+            call = encoder_layer_call(
+                self, src, src_mask, src_key_padding_mask, kernel_weights=request.weights
             )
+            self.attn_weights = call.compute(None).detach()
         return output
 
     def _sa_block(

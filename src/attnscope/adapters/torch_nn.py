@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from ..errors import AttnScopeError
 from ..patching import Proceed, observe
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
+from . import torch_native
 from .base import AttentionCall, Recorder
 
 _MHA = nn.MultiheadAttention
@@ -119,10 +120,14 @@ def mha_call(
     is_causal: bool = False,
     need_weights: bool = False,
     keep: bool = False,
+    kernel_weights: Tensor | None = None,
 ) -> AttentionCall:
     """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
 
     ``keep`` copies the projection weights, for a computation that may run much later.
+    ``kernel_weights`` are the per-head weights the native kernel computed for this very call
+    (see ``torch_native``): they are used, brought to the conventions here (padded query rows
+    and fully masked rows zero), instead of a recompute.
 
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
     >>> x = torch.randn(3, 5, 8)
@@ -155,6 +160,11 @@ def mha_call(
         kind = "causal" if is_causal or is_causal_mask(attn_mask) else "self"
     else:
         kind = "cross"
+    shape = (batch, mha.num_heads, query_len, key_len)
+    if kernel_weights is not None and kernel_weights.dim() == 4:
+        weights = _conform(kernel_weights, shape, key_padding_mask, attn_mask, self_attention)
+        if weights is not None:
+            return AttentionCall.of_weights(kind, weights)
     projection = _Projection.of(mha, keep)
     mask = None if use_causal else attn_mask
 
@@ -172,9 +182,32 @@ def mha_call(
             )
 
     held = tuple(t for t in (query_lbe, key_lbe, key_padding_mask, mask) if t is not None)
-    return AttentionCall(
-        kind, (batch, mha.num_heads, query_len, key_len), query.dtype, compute, held
-    )
+    return AttentionCall(kind, shape, query.dtype, compute, held)
+
+
+def _conform(
+    weights: Tensor,
+    shape: tuple[int, int, int, int],
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    self_attention: bool,
+) -> Tensor | None:
+    """A native kernel's weights (its own buffer, so changed in place) in this module's
+    conventions, or None when they are not what was expected (the caller recomputes).
+
+    Nested input gives weights up to the longest sequence only: the rest is padding, zeros.
+    """
+    batch, heads, queries, keys = weights.shape
+    if (batch, heads) != shape[:2] or queries > shape[2] or keys > shape[3]:
+        return None
+    if key_padding_mask is not None or attn_mask is not None:
+        torch.nan_to_num_(weights, nan=0.0)
+    if (queries, keys) != shape[2:]:
+        weights = F.pad(weights, (0, shape[3] - keys, 0, shape[2] - queries))
+    if self_attention and key_padding_mask is not None:
+        positions = torch.arange(shape[2], device=weights.device)
+        weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
+    return weights
 
 
 def _mha_weights(
@@ -224,11 +257,13 @@ def _mha_weights(
     weights = softmax_weights(q, k, math.sqrt(1.0 / float(head_dim)), mask)
     if zero_padded_queries and key_padding_mask is not None:
         positions = torch.arange(full_len, device=weights.device) if rows is None else rows
-        weights = _zero_padded_rows(weights, key_padding_mask, positions)
+        weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
     return weights
 
 
-def _zero_padded_rows(weights: Tensor, key_padding_mask: Tensor, positions: Tensor) -> Tensor:
+def _zero_padded_rows(
+    weights: Tensor, key_padding_mask: Tensor, positions: Tensor, *, inplace: bool = False
+) -> Tensor:
     """Zero the rows whose query position (``positions``, one per row) is padding."""
     padded = (
         key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.isneginf()
@@ -236,7 +271,7 @@ def _zero_padded_rows(weights: Tensor, key_padding_mask: Tensor, positions: Tens
     if padded.size(-1) <= int(positions.max()):
         return weights
     rows = padded[..., positions].reshape(weights.size(0), 1, positions.numel(), 1)
-    return weights.masked_fill(rows, 0.0)
+    return weights.masked_fill_(rows, 0.0) if inplace else weights.masked_fill(rows, 0.0)
 
 
 def returned_weights(
@@ -287,6 +322,8 @@ class TorchNNAdapter:
         keep: Callable[[str], bool] = lambda name: True,
     ) -> None:
         session = _Session(recorder, {id(m): n for n, m in selected.items()})
+        if session.native:
+            stack.callback(torch_native.activate())
         for module in selected.values():
             stack.callback(observe(module, session.observe_mha).remove)
         for module in model.modules():
@@ -307,14 +344,27 @@ class _Session:
         self.names = names
         self.mha_calls: dict[int, int] = {}
         self.encoders: list[_EncoderFrame] = []
+        # a lazy capture holds inputs, not L² weights: it recomputes later instead
+        self.native = not recorder.keep
+
+    def _run(
+        self, module: nn.Module, attention: nn.MultiheadAttention, proceed: Proceed
+    ) -> tuple[Any, Tensor | None]:
+        """Run the module's own forward; return its output and any weights its native
+        kernel computed for ``attention`` (see ``torch_native``)."""
+        if not self.native:
+            return proceed(), None
+        with torch_native.requested(module, attention) as request:
+            output = proceed()
+        return output, request.weights
 
     def observe_mha(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
         bound = _bind(type(module).forward, (module, *args), kwargs)
-        output = proceed()
-        self.mha_calls[id(module)] = self.mha_calls.get(id(module), 0) + 1
         assert isinstance(module, _MHA)
+        output, kernel_weights = self._run(module, module, proceed)
+        self.mha_calls[id(module)] = self.mha_calls.get(id(module), 0) + 1
         call = mha_call(
             module,
             bound["query"],
@@ -324,6 +374,7 @@ class _Session:
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
             keep=self.recorder.keep,
+            kernel_weights=kernel_weights,
         )
         given = returned_weights(module, output, bound)
         if given is not None:  # MHA returned exactly these weights itself: no recompute
@@ -337,7 +388,7 @@ class _Session:
         assert isinstance(module, nn.TransformerEncoderLayer)
         attention = module.self_attn
         calls_before = self.mha_calls.get(id(attention), 0)
-        output = proceed()
+        output, kernel_weights = self._run(module, attention, proceed)
         if self.mha_calls.get(id(attention), 0) != calls_before:
             return output  # the slow path called self_attn, which recorded itself
         try:
@@ -356,6 +407,7 @@ class _Session:
             bound["src_key_padding_mask"],
             outer,
             keep=self.recorder.keep,
+            kernel_weights=kernel_weights,
         )
         self.recorder.record(self.names[id(attention)], call)
         return output
@@ -385,6 +437,7 @@ def encoder_layer_call(
     outer: _EncoderFrame | None = None,
     *,
     keep: bool = False,
+    kernel_weights: Tensor | None = None,
 ) -> AttentionCall:
     """The self-attention of an encoder layer as its slow path would have computed it.
 
@@ -401,7 +454,7 @@ def encoder_layer_call(
             src_key_padding_mask = outer.padding
         else:
             src, src_key_padding_mask = _padding_from_nested(src)
-    if layer.norm_first:
+    if layer.norm_first and kernel_weights is None:  # the kernel's weights need no query
         with torch.no_grad():
             src = layer.norm1(src)
     # The fused kernel uses src_mask as given and ignores the is_causal hint: mirror it.
@@ -414,4 +467,5 @@ def encoder_layer_call(
         is_causal=False,
         need_weights=False,
         keep=keep,
+        kernel_weights=kernel_weights,
     )

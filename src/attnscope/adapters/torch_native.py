@@ -1,0 +1,242 @@
+"""Weights straight from PyTorch's native CPU attention kernel, for the cost of keeping them.
+
+Design note
+-----------
+On the CPU, ``torch._native_multi_head_attention`` (behind ``nn.MultiheadAttention``'s fast
+path, and inside the fused encoder layer ``torch._transformer_encoder_layer_fwd``) always
+materialises ``softmax(q kᵀ)`` for every head: ``need_weights`` only decides whether it is
+returned, and the output is bit-identical either way (measured on torch 2.13 over shapes,
+dtypes, masks and nested input; ``tests/test_native_weights.py`` keeps checking it). So a
+capture on those paths need not recompute anything: it asks the kernel for what it computed.
+
+- ``torch._native_multi_head_attention``, called by an observed ``nn.MultiheadAttention``
+  with ``need_weights=False``, is called with ``need_weights=True, average_attn_weights=False``
+  and returns ``(output, None)``, as it would have.
+- ``torch._transformer_encoder_layer_fwd``, called by an observed encoder layer, runs as the
+  composition its C++ implementation is (``aten/src/ATen/native/transformers/
+  transformer.cpp``: layer norm, native attention, residual, layer norm, ``addmm`` with fused
+  activation, ``addmm``, residual, layer norm; the same ops in the same order), with the
+  attention asked for its weights. Output: bit-identical to the fused call.
+
+Both are looked up on ``torch`` when ``nn``'s forwards run, so while a capture that wants
+weights is active they are thin wrappers. A wrapper acts only when the innermost request on
+its thread (``requested``, opened by the torch.nn adapter around an observed module's call)
+names the module whose very parameters it was given; anything else passes straight through.
+
+Where this does not apply, the adapter recomputes beside the kernel: off the CPU (on CUDA,
+``need_weights`` moves the kernel from sdpa to its math path, which changes the output's
+bits), in a lazy capture (which must not hold L² weights), and on every slow path.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import Tensor, nn
+
+
+class Request:
+    """An observed module's call, waiting for the weights its kernel computes."""
+
+    def __init__(self, module: nn.Module, qkv_weight: Tensor | None) -> None:
+        self.module = module
+        self.qkv_weight = qkv_weight
+        self.weights: Tensor | None = None
+
+
+_local = threading.local()
+_lock = threading.Lock()
+_active = 0
+_originals: dict[str, Callable[..., Any]] = {}
+
+
+def _requests() -> list[Request]:
+    requests: list[Request] | None = getattr(_local, "requests", None)
+    if requests is None:
+        requests = _local.requests = []
+    return requests
+
+
+def _pending_for(qkv_weight: Any, device: torch.device) -> Request | None:
+    requests = getattr(_local, "requests", None)
+    if not requests or device.type != "cpu":
+        return None
+    request: Request = requests[-1]
+    if request.weights is not None or request.qkv_weight is not qkv_weight:
+        return None
+    return request
+
+
+@contextmanager
+def requested(module: nn.Module, attention: nn.MultiheadAttention) -> Iterator[Request]:
+    """While the body runs, ``attention``'s native kernel hands its weights to the request.
+
+    ``module`` is the observed module (the attention itself, or its encoder layer).
+    """
+    request = Request(module, attention.in_proj_weight)
+    requests = _requests()
+    requests.append(request)
+    try:
+        yield request
+    finally:
+        requests.pop()
+
+
+def activate() -> Callable[[], None]:
+    """Install the wrappers (once, however many captures); returns the undo.
+
+    The undo restores a function only if it is still this module's wrapper: whoever replaced
+    it meanwhile keeps their replacement, which still reaches the original through it.
+    """
+    global _active
+    with _lock:
+        if _active == 0 and torch._native_multi_head_attention is not _native_mha_with_weights:
+            _originals["mha"] = torch._native_multi_head_attention
+            torch._native_multi_head_attention = _native_mha_with_weights  # type: ignore[assignment]
+        if _active == 0 and torch._transformer_encoder_layer_fwd is not _encoder_layer_with_weights:
+            _originals["layer"] = torch._transformer_encoder_layer_fwd
+            torch._transformer_encoder_layer_fwd = _encoder_layer_with_weights
+        _active += 1
+    done = False
+
+    def deactivate() -> None:
+        global _active
+        nonlocal done
+        with _lock:
+            if done:
+                return
+            done = True
+            _active -= 1
+            if _active:
+                return
+            if torch._native_multi_head_attention is _native_mha_with_weights:
+                torch._native_multi_head_attention = _originals["mha"]
+            if torch._transformer_encoder_layer_fwd is _encoder_layer_with_weights:
+                torch._transformer_encoder_layer_fwd = _originals["layer"]
+
+    return deactivate
+
+
+def _native_mha_with_weights(
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    embed_dim: int,
+    num_head: int,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    mask: Tensor | None = None,
+    need_weights: bool = True,
+    average_attn_weights: bool = True,
+    mask_type: int | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    original = _originals["mha"]
+    args = (query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias)
+    request = None if need_weights else _pending_for(qkv_weight, query.device)
+    if request is None:
+        return original(*args, mask, need_weights, average_attn_weights, mask_type)
+    output, weights = original(*args, mask, True, False, mask_type)
+    request.weights = weights
+    return output, None
+
+
+def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
+    original = _originals["layer"]
+    src = args[0] if args else None
+    request = (
+        _pending_for(args[3], src.device)
+        if len(args) == 20 and not kwargs and isinstance(src, Tensor)
+        else None
+    )
+    if request is None or src is None or _is_empty(src):
+        return original(*args, **kwargs)
+    output, weights = encoder_layer_forward(*args)
+    request.weights = weights
+    return output
+
+
+def _is_empty(src: Tensor) -> bool:
+    return (src.values() if src.is_nested else src).numel() == 0
+
+
+def encoder_layer_forward(
+    src: Tensor,
+    embed_dim: int,
+    num_heads: int,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    use_gelu: bool,
+    norm_first: bool,
+    eps: float,
+    norm1_weight: Tensor,
+    norm1_bias: Tensor,
+    norm2_weight: Tensor,
+    norm2_bias: Tensor,
+    ffn_weight_1: Tensor,
+    ffn_bias_1: Tensor,
+    ffn_weight_2: Tensor,
+    ffn_bias_2: Tensor,
+    mask: Tensor | None,
+    mask_type: int | None,
+) -> tuple[Tensor, Tensor]:
+    """``torch._transformer_encoder_layer_fwd``'s output, op for op, and its attention weights.
+
+    >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
+    >>> x = torch.randn(2, 5, 8)
+    >>> a = layer.self_attn
+    >>> args = (x, 8, 2, a.in_proj_weight, a.in_proj_bias, a.out_proj.weight, a.out_proj.bias,
+    ...         False, False, 1e-5, layer.norm1.weight, layer.norm1.bias, layer.norm2.weight,
+    ...         layer.norm2.bias, layer.linear1.weight, layer.linear1.bias,
+    ...         layer.linear2.weight, layer.linear2.bias, None, None)
+    >>> with torch.no_grad():
+    ...     out, weights = encoder_layer_forward(*args)
+    ...     fused = torch._transformer_encoder_layer_fwd(*args)
+    >>> torch.equal(out, fused), tuple(weights.shape)
+    (True, (2, 2, 5, 5))
+    """
+
+    def norm(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+        return torch.layer_norm(x, [embed_dim], weight, bias, eps, True)
+
+    x = norm(src, norm1_weight, norm1_bias) if norm_first else src
+    x, weights = torch.ops.aten._native_multi_head_attention(
+        x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
+        mask, True, False, mask_type,
+    )  # fmt: skip
+    x.add_(src)
+    if not norm_first:
+        x = norm(x, norm1_weight, norm1_bias)
+    before_ffn = x
+    if norm_first:
+        x = norm(x, norm2_weight, norm2_bias)
+    x = _linear(x, ffn_weight_1, ffn_bias_1, use_gelu)
+    x = _linear(x, ffn_weight_2, ffn_bias_2, None)
+    x.add_(before_ffn)
+    if not norm_first:
+        x = norm(x, norm2_weight, norm2_bias)
+    return x, weights
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor, use_gelu: bool | None) -> Tensor:
+    """transformer.cpp's ``linear_for_ffn``: ``addmm`` (with its fused relu or gelu) on the
+    flattened batch; nested input takes the nested linear, as its nested ``addmm`` does."""
+    if x.is_nested:
+        x = F.linear(x, weight, bias)
+        if use_gelu is None:
+            return x
+        return F.gelu(x) if use_gelu else F.relu(x)
+    flat = x.view(x.size(0) * x.size(1), x.size(2))
+    if use_gelu is None:
+        out = torch.addmm(bias, flat, weight.t())
+    else:
+        out = torch._addmm_activation(bias, flat, weight.t(), beta=1, alpha=1, use_gelu=use_gelu)
+    return out.view(x.size(0), x.size(1), -1)

@@ -1,0 +1,217 @@
+"""Weights taken from PyTorch's native CPU attention kernel (attnscope.adapters.torch_native).
+
+Two facts about PyTorch that the mechanism rests on are checked first, against PyTorch
+itself: if one fails, the kernel changed and the mechanism must follow. Then the captured
+weights are checked against PyTorch's slow path, with recomputation switched off so the
+kernel's weights are the only ones that can appear.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import attnscope
+from attnscope.adapters import torch_native, torch_nn
+from models import padding
+from reference import assert_weights_match, slow_path_weights
+
+
+@st.composite
+def layer_case(draw: st.DrawFn) -> dict[str, Any]:
+    heads = draw(st.sampled_from([2, 4, 8]))  # the fused path takes even head counts only
+    return {
+        "embed": heads * draw(st.sampled_from([4, 8, 16])),
+        "heads": heads,
+        "ffn": draw(st.sampled_from([8, 32])),
+        "batch": draw(st.integers(1, 3)),
+        "length": draw(st.integers(1, 33)),
+        "norm_first": draw(st.booleans()),
+        "activation": draw(st.sampled_from(["relu", "gelu"])),
+        "dtype": draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16])),
+        "mask": draw(st.sampled_from(["none", "causal", "bool", "padding", "both", "nested"])),
+        "seed": draw(st.integers(0, 2**16)),
+    }
+
+
+def build(case: dict[str, Any]) -> tuple[nn.TransformerEncoder, torch.Tensor, dict[str, Any]]:
+    torch.manual_seed(case["seed"])
+    layer = nn.TransformerEncoderLayer(
+        case["embed"],
+        case["heads"],
+        case["ffn"],
+        dropout=0.0,
+        activation=case["activation"],
+        batch_first=True,
+        norm_first=case["norm_first"],
+    )
+    nested = case["mask"] == "nested"
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=nested).eval().to(case["dtype"])
+    batch, length = case["batch"], case["length"]
+    x = torch.randn(batch, length, case["embed"], dtype=case["dtype"])
+    lengths = torch.randint(1, length + 1, (batch,)).tolist()
+    lengths[0] = length
+    kwargs: dict[str, Any] = {}
+    if case["mask"] in ("padding", "both", "nested"):
+        kwargs["src_key_padding_mask"] = padding(lengths, length)
+    if case["mask"] == "causal":
+        kwargs["mask"] = nn.Transformer.generate_square_subsequent_mask(length, dtype=case["dtype"])
+    if case["mask"] in ("bool", "both"):
+        # every query keeps itself: a fully masked row would turn the next layer's input NaN
+        kwargs["mask"] = (torch.rand(length, length) < 0.3) & ~torch.eye(length, dtype=torch.bool)
+    return model, x, kwargs
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=layer_case())
+def test_the_composition_is_the_fused_layer_bit_for_bit(case: dict[str, Any]) -> None:
+    """PyTorch fact 1: transformer.cpp's ops, run one by one, give the fused layer's bits."""
+    model, x, kwargs = build(case)
+    fused = torch._transformer_encoder_layer_fwd
+    checked = []
+
+    def compare(*args: Any) -> torch.Tensor:
+        out = fused(*args)
+        mine, _ = torch_native.encoder_layer_forward(*args)
+        if out.is_nested:
+            assert mine.is_nested
+            pairs = list(zip(out.unbind(), mine.unbind(), strict=True))
+        else:
+            pairs = [(out, mine)]
+        for a, b in pairs:  # exactly equal; a fully masked row is NaN in both
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+        checked.append(True)
+        return out
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(torch, "_transformer_encoder_layer_fwd", compare)
+        model(x, **kwargs)
+    assert len(checked) == 2
+
+
+@pytest.mark.parametrize("mask", ["none", "padding", "causal"])
+def test_native_attention_output_does_not_depend_on_need_weights(mask: str) -> None:
+    """PyTorch fact 2: on the CPU, asking the native kernel for weights changes no bit."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    x = torch.randn(3, 40, 32)
+    merged, mask_type = None, None
+    if mask == "padding":
+        merged, mask_type = padding([40, 17, 3], 40), 1
+    elif mask == "causal":
+        merged, mask_type = nn.Transformer.generate_square_subsequent_mask(40) != 0, 0
+    args = (x, x, x, 32, 4, mha.in_proj_weight, mha.in_proj_bias)
+    args += (mha.out_proj.weight, mha.out_proj.bias, merged)
+    with torch.no_grad():
+        plain, none = torch._native_multi_head_attention(*args, False, True, mask_type)
+        asked, weights = torch._native_multi_head_attention(*args, True, False, mask_type)
+    assert none is None and tuple(weights.shape) == (3, 4, 40, 40)
+    assert torch.equal(plain, asked)
+
+
+@pytest.fixture
+def no_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make any recomputation fail: only the kernel's own weights can reach the maps."""
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("weights were recomputed, not taken from the kernel")
+
+    monkeypatch.setattr(torch_nn, "softmax_weights", refuse)
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=layer_case())
+def test_eval_no_grad_capture_takes_the_kernel_weights(case: dict[str, Any]) -> None:
+    model, x, kwargs = build(case)
+    with torch.no_grad():
+        expected_out = model(x, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch_nn, "softmax_weights", _refuse)
+        with torch.no_grad(), attnscope.capture(model) as attn:
+            out = model(x, **kwargs)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0, equal_nan=True)
+    reference = slow_path_weights(model, lambda m: m(x, **kwargs))
+    valid = ~kwargs["src_key_padding_mask"] if "src_key_padding_mask" in kwargs else None
+    atol = 1e-2 if case["dtype"] == torch.bfloat16 else 1e-5
+    for name in attn.names:
+        assert_weights_match(attn[name], reference[name][0], valid, atol=atol)
+
+
+def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("weights were recomputed, not taken from the kernel")
+
+
+def test_multihead_attention_fast_path_gives_its_weights(no_recompute: None) -> None:
+    torch.manual_seed(3)
+    mha = nn.MultiheadAttention(16, 4, batch_first=True).eval()
+    x = torch.randn(2, 9, 16)
+    pad = padding([9, 5], 9)
+    with torch.no_grad():
+        expected = mha(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+        with attnscope.capture(mha) as attn:
+            out, returned = mha(x, x, x, key_padding_mask=pad, need_weights=False)
+    assert returned is None and torch.equal(out, expected)
+    reference = slow_path_weights(mha, lambda m: m(x, x, x, key_padding_mask=pad))
+    assert_weights_match(attn[""], reference[""][0], ~pad)
+
+
+def test_lazy_capture_still_holds_inputs_not_weights() -> None:
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 64, 16)
+    with torch.no_grad():
+        with attnscope.capture(model) as eager:
+            model(x)
+        with attnscope.capture(model, lazy=True) as lazy:
+            model(x)
+    assert lazy.nbytes < eager.nbytes / 4
+    for name in eager.names:
+        torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+
+
+def test_kernels_are_restored_after_nested_captures_and_errors() -> None:
+    originals = (torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd)
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1, enable_nested_tensor=False
+    ).eval()
+    x = torch.randn(1, 5, 16)
+    with (
+        pytest.raises(RuntimeError, match="boom"),
+        torch.no_grad(),
+        attnscope.capture(model) as outer,
+    ):
+        with attnscope.capture(model) as inner:
+            model(x)
+        assert torch._transformer_encoder_layer_fwd is not originals[1]
+        raise RuntimeError("boom")
+    assert (torch._native_multi_head_attention, torch._transformer_encoder_layer_fwd) == originals
+    assert torch.equal(outer[outer.names[0]], inner[inner.names[0]])
+
+
+def test_someone_else_patching_the_kernel_keeps_working(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = nn.TransformerEncoder(
+        nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1, enable_nested_tensor=False
+    ).eval()
+    x = torch.randn(1, 5, 16)
+    seen = []
+    with torch.no_grad():
+        expected = model(x)
+        with attnscope.capture(model) as attn:
+            ours = torch._transformer_encoder_layer_fwd
+
+            def spy(*args: Any) -> torch.Tensor:
+                seen.append(1)
+                return ours(*args)
+
+            monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+            assert torch.equal(model(x), expected)
+        # the capture ended while the spy sat on top: the spy stays, and still works
+        assert torch._transformer_encoder_layer_fwd is spy
+        assert torch.equal(model(x), expected)
+    assert len(seen) == 2 and len(attn.calls(attn.names[0])) == 1
