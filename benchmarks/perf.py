@@ -13,7 +13,7 @@ Timings: medians of interleaved rounds in one process. Memory: peak RSS of a fre
 that builds the case and runs the variant twice (subprocess per variant).
 Writes benchmarks/results/perf.json.
 
-    python benchmarks/perf.py [--repeats 5] [--cases enc256 hfbert-b1 ...] [--no-memory]
+    python benchmarks/perf.py [--repeats 9] [--cases enc256 hfbert-b1 ...] [--no-memory]
                               [--device cuda]   (on a GPU: peak memory is then the device's)
 """
 
@@ -202,7 +202,7 @@ def peak_rss_mb(case: str, variant: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument(
         "--cases",
         nargs="+",

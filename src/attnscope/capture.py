@@ -9,7 +9,9 @@ kind and a ``compute`` callable, so the recorder can refuse (``max_bytes``) befo
 allocated, and keeps only the selected heads, on the storage device and dtype, detached.
 
 Exactness: the model runs its own forward with its own kernels; adapters recompute weights
-beside it, under ``no_grad``, from the tensors the kernel saw. Outputs are bit-identical.
+beside it, under ``no_grad``, from the tensors the kernel saw, or, where a kernel computes the
+weights anyway and asking for them changes no output bit (PyTorch's native CPU attention, an
+eager implementation returning them), take the kernel's own. Outputs are bit-identical.
 
 Lifetimes: everything an adapter changes is pushed on one ``ExitStack`` with its undo, and the
 stack is closed in ``finally``: normal exit, exception or KeyboardInterrupt, nothing remains.

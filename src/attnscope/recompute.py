@@ -11,6 +11,8 @@ Rows that carry no information (every key masked) come out as zeros, never NaN.
 from __future__ import annotations
 
 import ctypes
+import math
+import mmap
 import sys
 from typing import Any
 
@@ -98,22 +100,30 @@ _madvise = _load_madvise()
 
 
 def weights_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An empty tensor for weights; on Linux CPU, large ones ask for transparent huge pages.
+    """An empty tensor for weights; large CPU ones get their own huge-page-backed mapping.
 
-    A capture keeps every map it computes, so each needs fresh memory, and faulting it in
-    4 KiB pages cost more than the matmul that fills it (measured: 27 ms vs 12 ms for 64 MiB).
-    ``madvise(MADV_HUGEPAGE)`` on the buffer's own aligned 2 MiB blocks, before first touch,
-    is advice about memory this tensor owns: nothing global changes.
+    A capture keeps every map it computes, so each needs fresh memory. From ``torch.empty``
+    (the C heap) it comes in 4 KiB pages and, held while the model runs, pushes the model's own
+    temporaries onto fresh pages too (measured on BERT-base at 512 tokens, batch 1: 37k page
+    faults per captured forward instead of 3k). A private anonymous mapping per buffer, with
+    ``madvise(MADV_HUGEPAGE)`` on its aligned 2 MiB blocks before first touch, is faulted in
+    2 MiB pages and given back whole when the tensor dies (6k faults, capture 1.21x -> 1.19x
+    of the forward). This is advice about memory the tensor owns: nothing global changes.
+
+    >>> weights_buffer((2, 3), torch.float32, torch.device("cpu")).shape
+    torch.Size([2, 3])
     """
-    buffer = torch.empty(shape, dtype=dtype, device=device)
-    size = buffer.numel() * buffer.element_size()
-    if _madvise is not None and device.type == "cpu" and size >= 2 * _HUGE_PAGE:
-        start = -(-buffer.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
-        end = (buffer.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
-        if end > start:
-            _madvise(start, end - start, _MADV_HUGEPAGE)
-    return buffer
-
+    count = math.prod(shape)
+    size = count * dtype.itemsize
+    if device.type != "cpu" or size < 2 * _HUGE_PAGE or _madvise is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    mapping = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+    start = -(-base // _HUGE_PAGE) * _HUGE_PAGE
+    _madvise(start, size, _MADV_HUGEPAGE)
+    # the tensor keeps the mapping alive (frombuffer holds the buffer); unmapped when it dies
+    flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - base)
+    return flat.view(shape)
 
 def _autocast(tensor: Tensor) -> bool:
     try:

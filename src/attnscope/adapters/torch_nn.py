@@ -16,6 +16,10 @@ encoder kernel stays in use):
 - every ``nn.TransformerEncoder``: only to remember the padded shape and padding mask while it
   runs, because on its nested-tensor path the layers see neither.
 
+Where either forward runs PyTorch's native CPU attention kernel (eval + ``no_grad``), that
+kernel computes every head's weights anyway: an eager (non-lazy) capture takes them from it
+instead of recomputing (``torch_native``), then brings them to the conventions below.
+
 Weights are those before dropout (dropout is a training-time perturbation of the weights, not
 part of what the model attends to). Rows of padded queries in self-attention are zeros.
 Restored on exit: the ``forward`` instance attributes, through the observer handles.
