@@ -125,6 +125,7 @@ def weights_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.dev
     flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - base)
     return flat.view(shape)
 
+
 def _autocast(tensor: Tensor) -> bool:
     try:
         return torch.is_autocast_enabled(tensor.device.type)
