@@ -9,11 +9,14 @@ Variants per case: the plain forward; attnscope full, lazy and selected (last la
 for PyTorch models the seed-compatible layers and the seed's way (fast path off,
 need_weights=True); for HF models eager + output_attentions; TransformerLens run_with_cache
 (attention patterns only) next to its own plain forward.
-Timings: medians of interleaved rounds in one process. Memory: peak RSS of a fresh process
-that builds the case and runs the variant twice (subprocess per variant).
+Timings: interleaved rounds in one process (at least --repeats, more for fast cases, up to
+--budget seconds per case); the JSON has each variant's median and minimum and their ratios
+to the baseline's (the minimum is the figure least disturbed by other load on the machine).
+Memory: peak RSS of a fresh process that builds the case and runs the variant twice
+(subprocess per variant).
 Writes benchmarks/results/perf.json.
 
-    python benchmarks/perf.py [--repeats 9] [--cases enc256 hfbert-b1 ...] [--no-memory]
+    python benchmarks/perf.py [--repeats 9] [--budget 60] [--cases enc256 ...] [--no-memory]
                               [--device cuda]   (on a GPU: peak memory is then the device's)
 """
 
@@ -139,9 +142,9 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
             "eager_output_attentions": lambda: eager(input_ids=ids, output_attentions=True),
         }
     if case == "gpt2":
-        config = transformers.GPT2Config()
+        gpt2_config = transformers.GPT2Config()
         torch.manual_seed(0)
-        model = transformers.GPT2Model(config).eval().to(DEVICE)
+        model = transformers.GPT2Model(gpt2_config).eval().to(DEVICE)
         ids = torch.randint(0, 50000, (1, L), generator=torch.Generator().manual_seed(1)).to(DEVICE)
         variants: dict[str, Callable[[], object]] = {
             "hf_sdpa": lambda: model(input_ids=ids),
@@ -173,13 +176,21 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
     raise SystemExit(f"unknown case {case}")
 
 
-def time_case(case: str, repeats: int) -> dict[str, float]:
+def time_case(case: str, repeats: int, budget_s: float) -> dict[str, list[float]]:
+    """Seconds per call of every variant, interleaved round by round.
+
+    At least ``repeats`` rounds, more for fast cases until ``budget_s`` is spent: this machine's
+    neighbours make single timings swing by 10% and more, so short cases get many rounds.
+    """
     variants = build_case(case)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
+        start = time.perf_counter()
         for fn in variants.values():
             fn()
-        for _ in range(repeats):
+        per_round = time.perf_counter() - start
+        rounds = max(repeats, min(60, int(budget_s / max(per_round, 1e-3))))
+        for _ in range(rounds):
             for name, fn in variants.items():
                 synchronize()
                 start = time.perf_counter()
@@ -187,7 +198,7 @@ def time_case(case: str, repeats: int) -> dict[str, float]:
                 synchronize()
                 samples[name].append(time.perf_counter() - start)
                 del result
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
 
 
 def peak_rss_mb(case: str, variant: str) -> float:
@@ -202,7 +213,10 @@ def peak_rss_mb(case: str, variant: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=9, help="at least this many rounds")
+    parser.add_argument(
+        "--budget", type=float, default=60.0, help="seconds of timing per case (more rounds)"
+    )
     parser.add_argument(
         "--cases",
         nargs="+",
@@ -228,7 +242,8 @@ def main() -> None:
     report: dict[str, object] = {
         "benchmark": "perf",
         "tokens": L,
-        "repeats": args.repeats,
+        "min_rounds": args.repeats,
+        "budget_s": args.budget,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
@@ -236,13 +251,17 @@ def main() -> None:
         "cases": dict(previous.get("cases", {})),  # cases not rerun keep their last figures
     }
     for case in args.cases:
-        medians = time_case(case, args.repeats)
-        baseline = next(iter(medians.values()))
+        samples = time_case(case, args.repeats, args.budget)
+        baseline = next(iter(samples.values()))
         rows = {}
-        for name, seconds in medians.items():
+        for name, values in samples.items():
+            median = statistics.median(values)
             row: dict[str, float] = {
-                "median_s": round(seconds, 4),
-                "ratio": round(seconds / baseline, 3),
+                "median_s": round(median, 4),
+                "ratio": round(median / statistics.median(baseline), 3),
+                "min_s": round(min(values), 4),
+                "min_ratio": round(min(values) / min(baseline), 3),
+                "rounds": len(values),
             }
             if not args.no_memory:
                 row["peak_rss_mb"] = round(peak_rss_mb(case, name), 1)
