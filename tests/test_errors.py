@@ -80,6 +80,7 @@ def test_bad_options() -> None:
         ({"dtype": torch.float8_e4m3fn}, "cannot hold attention weights"),
         ({"max_bytes": -1}, "non-negative"),
         ({"to": "no-such-device"}, "not a torch device"),
+        ({"to": "meta"}, "shapes only"),
         ({"heads": []}, "non-empty"),
     ]:
         with pytest.raises(AttnScopeError, match=pattern), attnscope.capture(model, **kwargs):
@@ -91,3 +92,16 @@ def test_bad_options() -> None:
         model.eval()
         with torch.no_grad():
             model(sequence(1, 3))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_storage_device_this_machine_lacks_is_refused_before_the_forward() -> None:
+    model = encoder().eval()
+    calls = []
+    model.register_forward_pre_hook(lambda *args: calls.append(1))
+    with (
+        pytest.raises(AttnScopeError, match=r"to='cuda'.*not available here"),
+        attnscope.capture(model, to="cuda"),
+    ):
+        model(sequence(1, 3))
+    assert calls == []

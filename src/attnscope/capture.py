@@ -199,11 +199,21 @@ def _check_indices(values: Sequence[int] | None, option: str, what: str) -> Sequ
 
 def _check_device(to: str | torch.device) -> torch.device:
     try:
-        return torch.device(to)
+        device = torch.device(to)
     except (RuntimeError, TypeError) as error:
         raise AttnScopeError(
             f"to={to!r} is not a torch device (e.g. 'cpu', 'cuda:0'): {error}"
         ) from None
+    if device.type == "meta":
+        raise AttnScopeError("to='meta' would keep shapes only, not weights; use 'cpu' or a GPU")
+    try:  # before the forward, not at its first attention call
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as error:
+        raise AttnScopeError(
+            f"to={to!r}: that device is not available here ({error}); store on 'cpu' or on "
+            "a device this machine has"
+        ) from None
+    return device
 
 
 STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
