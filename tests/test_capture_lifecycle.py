@@ -105,3 +105,36 @@ def test_user_instance_forward_is_restored() -> None:
         mha(torch.randn(3, 1, 8), torch.randn(3, 1, 8), torch.randn(3, 1, 8))
     assert mha.__dict__["forward"] is custom
     assert attn[""].shape == (1, 2, 3, 3)
+
+
+class _SdpaModule(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.proj(x).view(1, -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+def test_sdpa_wrapper_restored_out_of_order_by_someone_else_keeps_working() -> None:
+    """A spy on top of the capture's sdpa wrapper, taken off after the capture ended."""
+    kernel = nn.functional.scaled_dot_product_attention
+    torch.manual_seed(0)
+    model, x = _SdpaModule(), torch.randn(1, 5, 8)
+    expected = model(x)
+    patch = pytest.MonkeyPatch()
+    try:
+        with attnscope.capture(model) as attn:
+            ours = nn.functional.scaled_dot_product_attention
+            patch.setattr(nn.functional, "scaled_dot_product_attention", lambda *a: ours(*a))
+            assert torch.equal(model(x), expected)
+        patch.undo()  # the capture's wrapper is back, with no capture active
+        assert torch.equal(model(x), expected)
+        patch.setattr(nn.functional, "scaled_dot_product_attention", lambda *a: ours(*a))
+        with attnscope.capture(model) as again:  # ours, over the lambda, over ours
+            assert torch.equal(model(x), expected)
+        assert torch.equal(again[again.names[0]], attn[attn.names[0]])
+    finally:
+        patch.undo()
+        nn.functional.scaled_dot_product_attention = kernel

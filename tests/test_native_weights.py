@@ -194,24 +194,44 @@ def test_kernels_are_restored_after_nested_captures_and_errors() -> None:
     assert torch.equal(outer[outer.names[0]], inner[inner.names[0]])
 
 
-def test_someone_else_patching_the_kernel_keeps_working(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_someone_else_patching_the_kernel_keeps_working() -> None:
+    """A spy put on top of the capture's wrapper and taken off out of order: nothing breaks,
+    and no call goes round in circles."""
+    kernel = torch._transformer_encoder_layer_fwd
     model = nn.TransformerEncoder(
         nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), 1, enable_nested_tensor=False
     ).eval()
     x = torch.randn(1, 5, 16)
     seen = []
-    with torch.no_grad():
-        expected = model(x)
-        with attnscope.capture(model) as attn:
-            ours = torch._transformer_encoder_layer_fwd
+    patch = pytest.MonkeyPatch()
+    try:
+        with torch.no_grad():
+            expected = model(x)
+            with attnscope.capture(model) as attn:
+                ours = torch._transformer_encoder_layer_fwd
 
-            def spy(*args: Any) -> torch.Tensor:
-                seen.append(1)
+                def spy(*args: Any) -> torch.Tensor:
+                    seen.append(1)
+                    return ours(*args)
+
+                patch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+                assert torch.equal(model(x), expected)
+            # the capture ended under the spy: the spy stays, and still works
+            assert torch._transformer_encoder_layer_fwd is spy
+            assert torch.equal(model(x), expected)
+            patch.undo()  # puts the capture's wrapper back, after the capture ended
+            counting = []
+
+            def counter(*args: Any) -> torch.Tensor:
+                counting.append(1)
                 return ours(*args)
 
-            monkeypatch.setattr(torch, "_transformer_encoder_layer_fwd", spy)
+            patch.setattr(torch, "_transformer_encoder_layer_fwd", counter)
+            with attnscope.capture(model) as again:  # wraps the counter, which wraps ours
+                assert torch.equal(model(x), expected)
             assert torch.equal(model(x), expected)
-        # the capture ended while the spy sat on top: the spy stays, and still works
-        assert torch._transformer_encoder_layer_fwd is spy
-        assert torch.equal(model(x), expected)
-    assert len(seen) == 2 and len(attn.calls(attn.names[0])) == 1
+        assert len(seen) == 2 and len(attn.calls(attn.names[0])) == 1
+        assert torch.equal(again[again.names[0]], attn[attn.names[0]])
+    finally:
+        patch.undo()
+        torch._transformer_encoder_layer_fwd = kernel

@@ -61,7 +61,7 @@ class TransformerEncoderLayerWithAttn(nn.TransformerEncoderLayer):
         self._sa_ran = False
         deactivate = torch_native.activate()
         try:
-            with torch_native.requested(self, self.self_attn) as request:
+            with torch_native.requested(self.self_attn) as request:
                 output = super().forward(src, src_mask, src_key_padding_mask, is_causal)
         finally:
             deactivate()

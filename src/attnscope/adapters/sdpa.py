@@ -127,12 +127,21 @@ class _SdpaArgs:
 
 _sessions: list[_SdpaSession] = []
 _lock = threading.Lock()
-_original: Callable[..., Tensor] | None = None
+_KERNEL: Callable[..., Tensor] = F.scaled_dot_product_attention
+_original: Callable[..., Tensor] = _KERNEL  # what the wrapper replaced at activation
+_inside = threading.local()
 
 
 def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
-    assert _original is not None
-    output = _original(*args, **kwargs)
+    if getattr(_inside, "active", False):
+        # re-entered: another wrapper on top of ours was restored out of order and now sits on
+        # both sides of it; go straight to the kernel instead of round and round
+        return _KERNEL(*args, **kwargs)
+    _inside.active = True
+    try:
+        output = _original(*args, **kwargs)
+    finally:
+        _inside.active = False
     sessions = tuple(_sessions)
     if sessions:
         callers = _calling_modules(sys._getframe(1))
@@ -165,13 +174,11 @@ def _activate(session: _SdpaSession) -> Callable[[], None]:
         _sessions.append(session)
 
     def deactivate() -> None:
-        global _original
         with _lock:
             if session in _sessions:
                 _sessions.remove(session)
             if not _sessions and F.scaled_dot_product_attention is _observed_sdpa:
-                F.scaled_dot_product_attention = _original  # type: ignore[assignment]
-                _original = None
+                F.scaled_dot_product_attention = _original
 
     return deactivate
 

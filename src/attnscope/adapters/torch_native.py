@@ -41,10 +41,9 @@ from torch import Tensor, nn
 
 
 class Request:
-    """An observed module's call, waiting for the weights its kernel computes."""
+    """An observed call, waiting for the weights the kernel computes with ``qkv_weight``."""
 
-    def __init__(self, module: nn.Module, qkv_weight: Tensor | None) -> None:
-        self.module = module
+    def __init__(self, qkv_weight: Tensor | None) -> None:
         self.qkv_weight = qkv_weight
         self.weights: Tensor | None = None
 
@@ -52,7 +51,27 @@ class Request:
 _local = threading.local()
 _lock = threading.Lock()
 _active = 0
+# what each wrapper calls through to: the function it replaced at activation
 _originals: dict[str, Callable[..., Any]] = {}
+# PyTorch's own functions, for a wrapper that finds itself called again inside its own call
+_KERNELS: dict[str, Callable[..., Any]] = {
+    "mha": torch._native_multi_head_attention,
+    "layer": torch._transformer_encoder_layer_fwd,
+}
+
+
+def _call_through(which: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the function this wrapper replaced. If another wrapper was put on top of ours and
+    restored out of order, ours can end up on both sides of it: a re-entered call then goes
+    straight to PyTorch's kernel instead of round and round."""
+    flag = "inside_" + which
+    if getattr(_local, flag, False):
+        return _KERNELS[which](*args, **kwargs)
+    setattr(_local, flag, True)
+    try:
+        return _originals.get(which, _KERNELS[which])(*args, **kwargs)
+    finally:
+        setattr(_local, flag, False)
 
 
 def _requests() -> list[Request]:
@@ -73,12 +92,10 @@ def _pending_for(qkv_weight: Any, device: torch.device) -> Request | None:
 
 
 @contextmanager
-def requested(module: nn.Module, attention: nn.MultiheadAttention) -> Iterator[Request]:
-    """While the body runs, ``attention``'s native kernel hands its weights to the request.
-
-    ``module`` is the observed module (the attention itself, or its encoder layer).
-    """
-    request = Request(module, attention.in_proj_weight)
+def requested(attention: nn.MultiheadAttention) -> Iterator[Request]:
+    """While the body runs, ``attention``'s native kernel (called by the attention itself or by
+    its fused encoder layer) hands its weights to the request."""
+    request = Request(attention.in_proj_weight)
     requests = _requests()
     requests.append(request)
     try:
@@ -137,18 +154,16 @@ def _native_mha_with_weights(
     average_attn_weights: bool = True,
     mask_type: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    original = _originals["mha"]
     args = (query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias)
     request = None if need_weights else _pending_for(qkv_weight, query.device)
     if request is None:
-        return original(*args, mask, need_weights, average_attn_weights, mask_type)
-    output, weights = original(*args, mask, True, False, mask_type)
+        return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
+    output, weights = _call_through("mha", *args, mask, True, False, mask_type)
     request.weights = weights
     return output, None
 
 
 def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
-    original = _originals["layer"]
     src = args[0] if args else None
     request = (
         _pending_for(args[3], src.device)
@@ -156,7 +171,7 @@ def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
         else None
     )
     if request is None or src is None or _is_empty(src):
-        return original(*args, **kwargs)
+        return _call_through("layer", *args, **kwargs)
     output, weights = encoder_layer_forward(*args)
     request.weights = weights
     return output

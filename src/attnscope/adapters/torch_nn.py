@@ -351,14 +351,12 @@ class _Session:
         # a lazy capture holds inputs, not L² weights: it recomputes later instead
         self.native = not recorder.keep
 
-    def _run(
-        self, module: nn.Module, attention: nn.MultiheadAttention, proceed: Proceed
-    ) -> tuple[Any, Tensor | None]:
-        """Run the module's own forward; return its output and any weights its native
-        kernel computed for ``attention`` (see ``torch_native``)."""
+    def _run(self, attention: nn.MultiheadAttention, proceed: Proceed) -> tuple[Any, Tensor | None]:
+        """Run the observed module's own forward; return its output and any weights its
+        native kernel computed for ``attention`` (see ``torch_native``)."""
         if not self.native:
             return proceed(), None
-        with torch_native.requested(module, attention) as request:
+        with torch_native.requested(attention) as request:
             output = proceed()
         return output, request.weights
 
@@ -367,7 +365,7 @@ class _Session:
     ) -> Any:
         bound = _bind(type(module).forward, (module, *args), kwargs)
         assert isinstance(module, _MHA)
-        output, kernel_weights = self._run(module, module, proceed)
+        output, kernel_weights = self._run(module, proceed)
         self.mha_calls[id(module)] = self.mha_calls.get(id(module), 0) + 1
         call = mha_call(
             module,
@@ -392,7 +390,7 @@ class _Session:
         assert isinstance(module, nn.TransformerEncoderLayer)
         attention = module.self_attn
         calls_before = self.mha_calls.get(id(attention), 0)
-        output, kernel_weights = self._run(module, attention, proceed)
+        output, kernel_weights = self._run(attention, proceed)
         if self.mha_calls.get(id(attention), 0) != calls_before:
             return output  # the slow path called self_attn, which recorded itself
         try:
