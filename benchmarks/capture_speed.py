@@ -3,7 +3,8 @@
 Model: 4-layer nn.TransformerEncoder, d_model=256, 8 heads, batch 8, eval + no_grad.
 Variants, run interleaved in one process (medians of REPEATS rounds):
   fused      the plain model: PyTorch's fused encoder kernel, no weights
-  capture    attnscope.capture around the same call (fused kernel kept, weights recomputed)
+  capture    attnscope.capture around the same call (fused path kept; on the CPU the weights
+             come from its own attention kernel, elsewhere they are recomputed)
   layers     attnscope.TransformerEncoderLayerWithAttn (seed-compatible layers)
   seed       the seed's way: fast path off, _sa_block calls self_attn with need_weights=True
 Writes benchmarks/results/capture_speed.json. Timings are measured, never asserted in tests.
