@@ -155,7 +155,10 @@ def _native_mha_with_weights(
     mask_type: int | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     args = (query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias)
-    request = None if need_weights else _pending_for(qkv_weight, query.device)
+    # only PyTorch's own kernel is asked for weights; another function installed before the
+    # capture gets exactly the call it would have got
+    replaceable = not need_weights and _originals.get("mha") is _KERNELS["mha"]
+    request = _pending_for(qkv_weight, query.device) if replaceable else None
     if request is None:
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
     output, weights = _call_through("mha", *args, mask, True, False, mask_type)
@@ -165,9 +168,12 @@ def _native_mha_with_weights(
 
 def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
     src = args[0] if args else None
+    # the composition stands in for PyTorch's kernel only: a function someone else installed
+    # before the capture (a profiler, a custom kernel) is called, never bypassed
+    ours_to_replace = _originals.get("layer") is _KERNELS["layer"]
     request = (
         _pending_for(args[3], src.device)
-        if len(args) == 20 and not kwargs and isinstance(src, Tensor)
+        if ours_to_replace and len(args) == 20 and not kwargs and isinstance(src, Tensor)
         else None
     )
     if request is None or src is None or _is_empty(src):

@@ -155,13 +155,15 @@ def mha_call(
             key_padding_mask = key_padding_mask.unsqueeze(0)
     query_len, batch, _ = query_lbe.shape
     key_len = key_lbe.size(0) + int(mha.bias_k is not None) + int(mha.add_zero_attn)
-    use_causal = is_causal and (
-        attn_mask is None or (key_padding_mask is None and not need_weights)
-    )
+    # The is_causal hint without a mask: the slow path raises, so such a call only completes on
+    # PyTorch's fast path, which ignores the hint and attends to every key. Report that.
+    hinted = is_causal and attn_mask is not None
+    # with the hint, no padding and no weights asked, the slow path lets sdpa mask causally
+    use_causal = hinted and key_padding_mask is None and not need_weights
     if use_causal:
         kind = "causal"
     elif self_attention:
-        kind = "causal" if is_causal or is_causal_mask(attn_mask) else "self"
+        kind = "causal" if hinted or is_causal_mask(attn_mask) else "self"
     else:
         kind = "cross"
     shape = (batch, mha.num_heads, query_len, key_len)
