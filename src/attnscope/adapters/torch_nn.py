@@ -283,7 +283,8 @@ def _zero_padded_rows(
 def returned_weights(
     mha: nn.MultiheadAttention, output: Any, bound: dict[str, Any]
 ) -> Tensor | None:
-    """The per-head weights MHA itself returned, when it returned them before any dropout."""
+    """A copy of the per-head weights MHA itself returned, when it returned them before any
+    dropout, as (batch, heads, query, key); ``mha_call`` brings them to its conventions."""
     if not (bound["need_weights"] and not bound["average_attn_weights"]):
         return None
     if mha.training and mha.dropout > 0:
@@ -291,17 +292,8 @@ def returned_weights(
     weights = output[1] if isinstance(output, tuple) and len(output) == 2 else None
     if not isinstance(weights, Tensor):
         return None
-    weights = weights.detach()
-    if weights.dim() == 3:
-        weights = weights.unsqueeze(0)
-    weights = torch.nan_to_num(weights, nan=0.0)
-    query = bound["query"]
-    padding = bound["key_padding_mask"]
-    if bound["query"] is bound["key"] and padding is not None and not query.is_nested:
-        padding = padding if padding.dim() == 2 else padding[None]
-        positions = torch.arange(weights.size(-2), device=weights.device)
-        weights = _zero_padded_rows(weights, padding, positions)
-    return weights
+    weights = weights.detach().clone()  # the caller's own tensor is left as it was
+    return weights.unsqueeze(0) if weights.dim() == 3 else weights
 
 
 @dataclass
@@ -369,6 +361,8 @@ class _Session:
         assert isinstance(module, _MHA)
         output, kernel_weights = self._run(module, proceed)
         self.mha_calls[id(module)] = self.mha_calls.get(id(module), 0) + 1
+        # weights MHA returned itself, or that its native kernel computed: no recompute
+        given = returned_weights(module, output, bound)
         call = mha_call(
             module,
             bound["query"],
@@ -378,11 +372,8 @@ class _Session:
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
             keep=self.recorder.keep,
-            kernel_weights=kernel_weights,
+            kernel_weights=kernel_weights if given is None else given,
         )
-        given = returned_weights(module, output, bound)
-        if given is not None:  # MHA returned exactly these weights itself: no recompute
-            call = AttentionCall.of_weights(call.kind, given)
         self.recorder.record(self.names[id(module)], call)
         return output
 
