@@ -17,8 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,19 +24,13 @@ import torch
 from torch import Tensor, nn
 
 import attnscope
-from perf import SeedEncoderLayer  # the seed's way, shared with perf.py
+from perf import SeedEncoderLayer, interleaved, median_ratios  # shared with perf.py
 
 
 def build(layer_cls: type[nn.TransformerEncoderLayer]) -> nn.Module:
     torch.manual_seed(0)
     layer = layer_cls(256, 8, dim_feedforward=1024, dropout=0.1, batch_first=True)
     return nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).eval()
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -75,23 +67,13 @@ def main() -> None:
             finally:
                 torch.backends.mha.set_fastpath_enabled(True)
 
-        variants = {"fused": fused, "capture": captured, "layers": layers, "seed": seed_way}
-        samples: dict[str, list[float]] = {name: [] for name in variants}
-        with torch.no_grad():
-            for fn in variants.values():  # warm-up
-                fn()
-            for _ in range(args.repeats):
-                for name, fn in variants.items():
-                    samples[name].append(timed(fn))
-        medians = {name: statistics.median(values) for name, values in samples.items()}
-        row = {f"{name}_s": round(value, 5) for name, value in medians.items()}
-        row.update(
-            {
-                f"{name}_ratio": round(medians[name] / medians["fused"], 3)
-                for name in variants
-                if name != "fused"
-            }
-        )
+        variants: dict[str, Callable[[], object]] = {
+            "fused": fused,
+            "capture": captured,
+            "layers": layers,
+            "seed": seed_way,
+        }
+        row = median_ratios(interleaved(variants, args.repeats), "fused")
         results[f"L={length}"] = row
         print(f"L={length}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
 

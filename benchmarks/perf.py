@@ -176,13 +176,15 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
     raise SystemExit(f"unknown case {case}")
 
 
-def time_case(case: str, repeats: int, budget_s: float) -> dict[str, list[float]]:
-    """Seconds per call of every variant, interleaved round by round.
+def interleaved(
+    variants: dict[str, Callable[[], object]], repeats: int, budget_s: float = 0.0
+) -> dict[str, list[float]]:
+    """Seconds per call of every variant, under no_grad, interleaved round by round after one
+    warm-up round.
 
     At least ``repeats`` rounds, more for fast cases until ``budget_s`` is spent: this machine's
     neighbours make single timings swing by 10% and more, so short cases get many rounds.
     """
-    variants = build_case(case)
     samples: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         start = time.perf_counter()
@@ -199,6 +201,20 @@ def time_case(case: str, repeats: int, budget_s: float) -> dict[str, list[float]
                 samples[name].append(time.perf_counter() - start)
                 del result
     return samples
+
+
+def median_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, float]:
+    """``{name}_s`` medians of every variant and ``{name}_ratio`` to the baseline's median."""
+    medians = {name: statistics.median(values) for name, values in samples.items()}
+    row = {f"{name}_s": round(value, 5) for name, value in medians.items()}
+    row.update(
+        {
+            f"{name}_ratio": round(medians[name] / medians[baseline], 3)
+            for name in medians
+            if name != baseline
+        }
+    )
+    return row
 
 
 def peak_rss_mb(case: str, variant: str) -> float:
@@ -251,7 +267,7 @@ def main() -> None:
         "cases": dict(previous.get("cases", {})),  # cases not rerun keep their last figures
     }
     for case in args.cases:
-        samples = time_case(case, args.repeats, args.budget)
+        samples = interleaved(build_case(case), args.repeats, args.budget)
         baseline = next(iter(samples.values()))
         rows = {}
         for name, values in samples.items():
