@@ -114,14 +114,14 @@ def test_native_attention_output_does_not_depend_on_need_weights(mask: str) -> N
     assert torch.equal(plain, asked)
 
 
+def _refuse(*args: Any, **kwargs: Any) -> None:
+    raise AssertionError("weights were recomputed, not taken from the kernel")
+
+
 @pytest.fixture
 def no_recompute(monkeypatch: pytest.MonkeyPatch) -> None:
     """Make any recomputation fail: only the kernel's own weights can reach the maps."""
-
-    def refuse(*args: Any, **kwargs: Any) -> None:
-        raise AssertionError("weights were recomputed, not taken from the kernel")
-
-    monkeypatch.setattr(torch_nn, "softmax_weights", refuse)
+    monkeypatch.setattr(torch_nn, "softmax_weights", _refuse)
 
 
 @settings(max_examples=60, deadline=None)
@@ -140,10 +140,6 @@ def test_eval_no_grad_capture_takes_the_kernel_weights(case: dict[str, Any]) -> 
     atol = 1e-2 if case["dtype"] == torch.bfloat16 else 1e-5
     for name in attn.names:
         assert_weights_match(attn[name], reference[name][0], valid, atol=atol)
-
-
-def _refuse(*args: Any, **kwargs: Any) -> None:
-    raise AssertionError("weights were recomputed, not taken from the kernel")
 
 
 def test_multihead_attention_fast_path_gives_its_weights(no_recompute: None) -> None:
