@@ -68,16 +68,23 @@ def build(case: dict[str, Any]) -> tuple[nn.TransformerEncoder, torch.Tensor, di
 
 
 @settings(max_examples=60, deadline=None)
-@given(case=layer_case())
-def test_the_composition_is_the_fused_layer_bit_for_bit(case: dict[str, Any]) -> None:
-    """PyTorch fact 1: transformer.cpp's ops, run one by one, give the fused layer's bits."""
+@given(case=layer_case(), keeping_queries=st.booleans())
+def test_the_composition_is_the_fused_layer_bit_for_bit(
+    case: dict[str, Any], keeping_queries: bool
+) -> None:
+    """PyTorch fact 1: transformer.cpp's ops, run one by one, give the fused layer's bits;
+    so do they with attention.cpp's ops run one by one in place of the native attention."""
     model, x, kwargs = build(case)
     fused = torch._transformer_encoder_layer_fwd
     checked = []
 
     def compare(*args: Any) -> torch.Tensor:
         out = fused(*args)
-        mine, _ = torch_native.encoder_layer_forward(*args)
+        if keeping_queries and not args[0].is_nested:
+            attention = torch_native._attention_keeping_queries
+            mine, _ = torch_native.encoder_layer_forward(*args, attention=attention)
+        else:
+            mine, _ = torch_native.encoder_layer_forward(*args)
         if out.is_nested:
             assert mine.is_nested
             pairs = list(zip(out.unbind(), mine.unbind(), strict=True))
@@ -112,6 +119,54 @@ def test_native_attention_output_does_not_depend_on_need_weights(mask: str) -> N
         asked, weights = torch._native_multi_head_attention(*args, True, False, mask_type)
     assert none is None and tuple(weights.shape) == (3, 4, 40, 40)
     assert torch.equal(plain, asked)
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    length=st.integers(1, 40),
+    heads=st.sampled_from([1, 2, 4, 6]),
+    head_dim=st.sampled_from([1, 3, 8, 16, 33]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    mask_type=st.sampled_from([None, 0, 1, 2]),
+    seed=st.integers(0, 2**16),
+)
+def test_native_attention_is_the_kernel_op_for_op(
+    batch: int,
+    length: int,
+    heads: int,
+    head_dim: int,
+    dtype: torch.dtype,
+    mask_type: int | None,
+    seed: int,
+) -> None:
+    """PyTorch fact 3: attention.cpp's ops, run one by one, give the native kernel's bits;
+    and the queries and keys they keep give its weights."""
+    generator = torch.Generator().manual_seed(seed)
+    embed = heads * head_dim
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(dtype)
+
+    x = rand(batch, length, embed)
+    params = (embed, heads, rand(3 * embed, embed) / embed**0.5, rand(3 * embed))
+    params += (rand(embed, embed) / embed**0.5, rand(embed))
+    shapes = {0: (length, length), 1: (batch, length), 2: (batch, heads, length, length)}
+    mask = None if mask_type is None else torch.rand(*shapes[mask_type], generator=generator) < 0.3
+    with torch.no_grad():
+        out, weights = torch._native_multi_head_attention(
+            x, x, x, *params, mask, True, False, mask_type
+        )
+        mine, q, k = torch_native.native_attention(x, *params, mask, mask_type)
+    torch.testing.assert_close(mine, out, rtol=0, atol=0, equal_nan=True)
+    assert q.shape == k.shape == (batch, heads, length, head_dim)
+    scores = (q.double() @ k.double().transpose(-1, -2)).float()
+    if mask is not None:
+        hidden = mask if mask_type != 1 else mask[:, None, None, :]
+        scores = scores.masked_fill(hidden, float("-inf"))
+    atol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
+    expected = scores.softmax(-1).nan_to_num(0.0)
+    torch.testing.assert_close(weights.float().nan_to_num(0.0), expected, atol=atol, rtol=0)
 
 
 def _refuse(*args: Any, **kwargs: Any) -> None:
@@ -156,19 +211,35 @@ def test_multihead_attention_fast_path_gives_its_weights(no_recompute: None) -> 
     assert_weights_match(attn[""], reference[""][0], ~pad)
 
 
-def test_lazy_capture_still_holds_inputs_not_weights() -> None:
-    torch.manual_seed(4)
-    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
-    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
-    x = torch.randn(2, 64, 16)
+@settings(max_examples=60, deadline=None)
+@given(case=layer_case(), rows=st.sampled_from([None, [0], [-1, 0]]))
+def test_lazy_eval_no_grad_capture_holds_the_kernels_queries_and_keys(
+    case: dict[str, Any], rows: list[int] | None
+) -> None:
+    """Lazy, the fused path keeps the scaled queries and keys its kernel computed (nothing of
+    the module, no recomputed projection) and gives the eager capture's weights from them."""
+    model, x, kwargs = build(case)
+    nested = case["mask"] == "nested"
     with torch.no_grad():
-        with attnscope.capture(model) as eager:
-            model(x)
-        with attnscope.capture(model, lazy=True) as lazy:
-            model(x)
-    assert lazy.nbytes < eager.nbytes / 4
+        expected_out = model(x, **kwargs)
+        with attnscope.capture(model, rows=rows) as eager:
+            model(x, **kwargs)
+    with pytest.MonkeyPatch.context() as patch:
+        if not nested:  # nested input is not composed: that falls back to the projection
+            patch.setattr(torch_nn._Projection, "of", _refuse)
+        with torch.no_grad(), attnscope.capture(model, lazy=True, rows=rows) as lazy:
+            out = model(x, **kwargs)
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0, equal_nan=True)
+    with torch.no_grad():  # an optimizer step after the capture changes nothing held
+        for parameter in model.parameters():
+            parameter.mul_(2.0)
+    atol = 1e-2 if case["dtype"] == torch.bfloat16 else 1e-6
     for name in eager.names:
-        torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(lazy[name], eager[name], atol=atol, rtol=0)
+    if not nested:  # held: each layer's queries and keys of every head, and the masks
+        queries_and_keys = 2 * 2 * x.numel() * x.element_size()
+        masks = sum(2 * t.numel() * t.element_size() for t in kwargs.values())
+        assert queries_and_keys <= lazy.nbytes <= queries_and_keys + masks
 
 
 def test_kernels_are_restored_after_nested_captures_and_errors() -> None:

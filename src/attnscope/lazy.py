@@ -1,8 +1,8 @@
 """Lazy weights: what is needed to compute one call's attention weights, computed on access.
 
 A lazy capture keeps, per attention call, the tensors its recompute reads (``held``: the
-queries and keys the kernel saw, or the inputs of a fused PyTorch layer, and the masks) instead
-of the (batch, heads, query, key) weights, so it holds O(L) per call instead of O(L²) and costs
+queries and keys the kernel computed or saw, else the inputs and a copy of the projection, and
+the masks) instead of the (batch, heads, query, key) weights, so it holds O(L) per call instead of O(L²) and costs
 almost nothing during the forward. The weights are computed whenever they are read, exactly
 as an eager capture computes them. A held tensor that the model later changes in place (a
 static KV cache, say) would give other weights, so each keeps its version counter and a change
@@ -65,11 +65,13 @@ class LazyWeights:
     @property
     def nbytes(self) -> int:
         """Bytes of the held tensors (shared storages counted once)."""
-        seen: dict[int, int] = {}
-        for tensor in self._call.held:
-            storage = tensor.untyped_storage()
-            seen[storage.data_ptr()] = storage.nbytes()
-        return sum(seen.values())
+        return sum(self.storages().values())
+
+    def storages(self) -> dict[int, int]:
+        """The bytes of each storage the held tensors live in, by address."""
+        return {
+            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._call.held
+        }
 
 
 def finish(

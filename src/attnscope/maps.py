@@ -236,12 +236,17 @@ class AttentionMaps:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the weights, or for a lazy capture the tensors kept to compute them."""
-        return sum(
-            w.nbytes if isinstance(w, LazyWeights) else w.numel() * w.element_size()
-            for ws in self._calls.values()
-            for w in ws
-        )
+        """Bytes held: the weights, or for a lazy capture the tensors kept to compute them
+        (a tensor several calls keep, such as a mask, counted once)."""
+        held: dict[int, int] = {}
+        total = 0
+        for ws in self._calls.values():
+            for w in ws:
+                if isinstance(w, LazyWeights):
+                    held.update(w.storages())
+                else:
+                    total += w.numel() * w.element_size()
+        return total + sum(held.values())
 
     # -- token labels -----------------------------------------------------------------------
 

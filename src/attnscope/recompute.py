@@ -49,11 +49,15 @@ def causal_additive_mask(
     )
 
 
-def softmax_weights(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> Tensor:
+def softmax_weights(
+    q: Tensor, k: Tensor, scale: float, mask: Tensor | None, hidden: Tensor | None = None
+) -> Tensor:
     """Per-head attention weights ``softmax((q · scale) kᵀ + mask)``, NaN rows as zeros.
 
     ``q`` is (..., query, dim), ``k`` is (..., key, dim) and ``mask`` an additive float mask
-    that broadcasts to (..., query, key).
+    that broadcasts to (..., query, key). ``hidden`` (bool, broadcasting the same way) is the
+    native kernel's way instead: a hidden key's score is replaced, not added to, so it counts
+    for nothing even where it is NaN (PyTorch's slow path adds ``-inf`` and gets NaN).
 
     >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     >>> softmax_weights(q, q, 1.0, None).sum(-1)
@@ -70,13 +74,16 @@ def softmax_weights(q: Tensor, k: Tensor, scale: float, mask: Tensor | None) -> 
         scores = torch.matmul(q * scale, k.transpose(-2, -1), out=buffer)
     if mask is not None:
         scores.add_(mask.to(scores.dtype))
+    if hidden is not None:
+        scores.masked_fill_(hidden, float("-inf"))
     # In place where the dtype allows: a fresh (batch, heads, L, L) buffer costs more in page
     # faults than the softmax itself (measured: 21 ms vs 10 ms at 8x8x512x512 on 2 cores).
     if scores.dtype in (torch.float32, torch.float64) and not _autocast(scores):
         weights = torch.softmax(scores, dim=-1, out=scores)
     else:
         weights = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num_(weights, nan=0.0) if mask is not None else weights
+    masked = mask is not None or hidden is not None
+    return torch.nan_to_num_(weights, nan=0.0) if masked else weights
 
 
 _HUGE_PAGE = 2 << 20

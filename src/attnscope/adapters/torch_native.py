@@ -23,9 +23,18 @@ weights is active they are thin wrappers. A wrapper acts only when the innermost
 its thread (``requested``, opened by the torch.nn adapter around an observed module's call)
 names the module whose very parameters it was given; anything else passes straight through.
 
+A lazy capture must not hold L² weights: it asks for the scaled queries and keys the kernel's
+softmax reads instead. For those the kernel runs as its own composition too (``attention.cpp``:
+projection, ``_transform_bias_rescale_qkv``, ``q kᵀ``, masked softmax, ``·v``, output
+projection; ``native_attention``), bit-identical on dense self-attention, and a compact copy
+of q and k is kept (the packed q/k/v buffer goes back to the allocator, as it would have).
+Nothing of the module is then held, so a later optimizer step changes nothing, and no
+projection is recomputed. Nested input runs the kernel itself (the lazy capture then holds the
+layer's input and a copy of the projection).
+
 Where this does not apply, the adapter recomputes beside the kernel: off the CPU (on CUDA,
 ``need_weights`` moves the kernel from sdpa to its math path, which changes the output's
-bits), in a lazy capture (which must not hold L² weights), and on every slow path.
+bits), and on every slow path.
 """
 
 from __future__ import annotations
@@ -33,19 +42,28 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from ..recompute import weights_buffer
+
 
 class Request:
-    """An observed call, waiting for the weights the kernel computes with ``qkv_weight``."""
+    """An observed call, waiting for what the kernel computes with ``qkv_weight``: its weights,
+    or, with ``queries`` (a lazy capture), the scaled queries and keys its softmax reads."""
 
-    def __init__(self, qkv_weight: Tensor | None) -> None:
+    def __init__(self, qkv_weight: Tensor | None, queries: bool = False) -> None:
         self.qkv_weight = qkv_weight
+        self.queries = queries
         self.weights: Tensor | None = None
+        self.qk: tuple[Tensor, Tensor] | None = None
+
+    @property
+    def answered(self) -> bool:
+        return self.weights is not None or self.qk is not None
 
 
 _local = threading.local()
@@ -86,16 +104,17 @@ def _pending_for(qkv_weight: Any, device: torch.device) -> Request | None:
     if not requests or device.type != "cpu":
         return None
     request: Request = requests[-1]
-    if request.weights is not None or request.qkv_weight is not qkv_weight:
+    if request.answered or request.qkv_weight is not qkv_weight:
         return None
     return request
 
 
 @contextmanager
-def requested(attention: nn.MultiheadAttention) -> Iterator[Request]:
+def requested(attention: nn.MultiheadAttention, queries: bool = False) -> Iterator[Request]:
     """While the body runs, ``attention``'s native kernel (called by the attention itself or by
-    its fused encoder layer) hands its weights to the request."""
-    request = Request(attention.in_proj_weight)
+    its fused encoder layer) hands its weights to the request, or with ``queries`` its scaled
+    queries and keys (where ``native_attention`` can stand in for it: not on nested input)."""
+    request = Request(attention.in_proj_weight, queries)
     requests = _requests()
     requests.append(request)
     try:
@@ -159,8 +178,11 @@ def _native_mha_with_weights(
     # capture gets exactly the call it would have got
     replaceable = not need_weights and _originals.get("mha") is _KERNELS["mha"]
     request = _pending_for(qkv_weight, query.device) if replaceable else None
-    if request is None:
+    if request is None or (request.queries and not _composable(query, key, value)):
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
+    if request.queries:
+        output, request.qk = _attention_keeping_queries(*args, mask, mask_type)
+        return output, None
     output, weights = _call_through("mha", *args, mask, True, False, mask_type)
     request.weights = weights
     return output, None
@@ -178,9 +200,94 @@ def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
     )
     if request is None or src is None or _is_empty(src):
         return _call_through("layer", *args, **kwargs)
-    output, weights = encoder_layer_forward(*args)
-    request.weights = weights
+    if request.queries:
+        if not _composable(src, src, src):
+            return _call_through("layer", *args, **kwargs)
+        output, request.qk = encoder_layer_forward(*args, attention=_attention_keeping_queries)
+        return output
+    output, request.weights = encoder_layer_forward(*args)
     return output
+
+
+_Kept = TypeVar("_Kept")
+
+
+def _attention_with_weights(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any
+) -> tuple[Tensor, Tensor]:
+    """PyTorch's kernel itself, asked for the per-head weights it computes anyway."""
+    *params, mask, mask_type = args
+    output, weights = torch.ops.aten._native_multi_head_attention(
+        query, key, value, *params, mask, True, False, mask_type
+    )
+    return output, weights
+
+
+def _composable(query: Tensor, key: Tensor, value: Tensor) -> bool:
+    """Whether ``native_attention`` computes what the kernel computes for this call."""
+    return (
+        query is key
+        and key is value
+        and not query.is_nested
+        and query.dim() == 3
+        and query.numel() > 0
+    )
+
+
+def native_attention(
+    query: Tensor,
+    embed_dim: int,
+    num_head: int,
+    qkv_weight: Tensor,
+    qkv_bias: Tensor,
+    proj_weight: Tensor,
+    proj_bias: Tensor,
+    mask: Tensor | None,
+    mask_type: int | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch._native_multi_head_attention`` on the CPU for self-attention on a dense
+    (batch, length, embed) query, op for op (``attention.cpp``: projection, bias and
+    rescaling, ``q kᵀ``, masked softmax, ``·v``, output projection): its output, and the
+    queries (already scaled by 1/√head_dim) and keys its softmax read, (batch, heads, L, d).
+
+    >>> mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    >>> x = torch.randn(2, 5, 8)
+    >>> params = (8, 2, mha.in_proj_weight, mha.in_proj_bias, mha.out_proj.weight,
+    ...           mha.out_proj.bias)
+    >>> with torch.no_grad():
+    ...     out, q, k = native_attention(x, *params, None, None)
+    ...     kernel, _ = torch._native_multi_head_attention(x, x, x, *params)
+    >>> torch.equal(out, kernel), tuple(q.shape)
+    (True, (2, 2, 5, 4))
+    """
+    q, k, v = torch._transform_bias_rescale_qkv(
+        torch.matmul(query, qkv_weight.t()), qkv_bias, num_head
+    )
+    batch, heads, length, head_dim = q.shape
+    flat = (batch * heads, length, head_dim)
+    scores = torch.bmm(q.view(flat), k.view(flat).transpose(2, 1))
+    scores = scores.view(batch, heads, length, length)
+    if mask is None:  # in place, as the kernel does
+        weights = torch._softmax(scores, -1, False, out=scores)
+    else:
+        weights = torch._masked_softmax(scores, mask.bool(), scores.dim() - 1, mask_type)
+    context = torch.bmm(weights.view(batch * heads, length, length), v.view(flat))
+    del weights, scores
+    merged = context.view(batch, heads, length, head_dim).permute(0, 2, 1, 3).contiguous()
+    output = F.linear(merged.view(batch * length, embed_dim), proj_weight, proj_bias)
+    return output.view(batch, length, -1), q, k
+
+
+def _attention_keeping_queries(
+    query: Tensor, key: Tensor, value: Tensor, *args: Any
+) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """``native_attention``, keeping a compact copy of its queries and keys (not the packed
+    q/k/v buffer: that one goes back to the allocator, as it would have)."""
+    output, q, k = native_attention(query, *args)
+    kept = weights_buffer((2, *q.shape), q.dtype, q.device)
+    kept[0].copy_(q)
+    kept[1].copy_(k)
+    return output, (kept[0], kept[1])
 
 
 def _is_empty(src: Tensor) -> bool:
@@ -208,8 +315,12 @@ def encoder_layer_forward(
     ffn_bias_2: Tensor,
     mask: Tensor | None,
     mask_type: int | None,
-) -> tuple[Tensor, Tensor]:
-    """``torch._transformer_encoder_layer_fwd``'s output, op for op, and its attention weights.
+    *,
+    attention: Callable[..., tuple[Tensor, _Kept]] = _attention_with_weights,  # type: ignore[assignment]
+) -> tuple[Tensor, _Kept]:
+    """``torch._transformer_encoder_layer_fwd``'s output, op for op, and what ``attention``
+    kept of its attention (by default the weights; ``attention`` stands in for
+    ``torch._native_multi_head_attention`` and must compute its output bit for bit).
 
     >>> layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True).eval()
     >>> x = torch.randn(2, 5, 8)
@@ -229,9 +340,9 @@ def encoder_layer_forward(
         return torch.layer_norm(x, [embed_dim], weight, bias, eps, True)
 
     x = norm(src, norm1_weight, norm1_bias) if norm_first else src
-    x, weights = torch.ops.aten._native_multi_head_attention(
+    x, kept = attention(
         x, x, x, embed_dim, num_heads, qkv_weight, qkv_bias, proj_weight, proj_bias,
-        mask, True, False, mask_type,
+        mask, mask_type,
     )  # fmt: skip
     x.add_(src)
     if not norm_first:
@@ -244,7 +355,7 @@ def encoder_layer_forward(
     x.add_(before_ffn)
     if not norm_first:
         x = norm(x, norm2_weight, norm2_bias)
-    return x, weights
+    return x, kept
 
 
 def _linear(x: Tensor, weight: Tensor, bias: Tensor, use_gelu: bool | None) -> Tensor:

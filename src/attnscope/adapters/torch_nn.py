@@ -18,7 +18,8 @@ encoder kernel stays in use):
 
 Where either forward runs PyTorch's native CPU attention kernel (eval + ``no_grad``), that
 kernel computes every head's weights anyway: an eager (non-lazy) capture takes them from it
-instead of recomputing (``torch_native``), then brings them to the conventions below.
+instead of recomputing (``torch_native``), then brings them to the conventions below; a lazy
+capture keeps the scaled queries and keys it computed, and its masked softmax runs on access.
 
 Weights are those before dropout (dropout is a training-time perturbation of the weights, not
 part of what the model attends to). Rows of padded queries in self-attention are zeros.
@@ -125,13 +126,16 @@ def mha_call(
     need_weights: bool = False,
     keep: bool = False,
     kernel_weights: Tensor | None = None,
+    kernel_queries: tuple[Tensor, Tensor] | None = None,
 ) -> AttentionCall:
     """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
 
     ``keep`` copies the projection weights, for a computation that may run much later.
     ``kernel_weights`` are the per-head weights the native kernel computed for this very call
     (see ``torch_native``): they are used, brought to the conventions here (padded query rows
-    and fully masked rows zero), instead of a recompute.
+    and fully masked rows zero), instead of a recompute. ``kernel_queries`` are the scaled
+    queries and keys it computed, (batch, heads, L, head_dim): the weights are computed from
+    them on demand, and nothing else of the module is held.
 
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
     >>> x = torch.randn(3, 5, 8)
@@ -171,6 +175,10 @@ def mha_call(
         weights = _conform(kernel_weights, shape, key_padding_mask, attn_mask, self_attention)
         if weights is not None:
             return AttentionCall.of_weights(kind, weights)
+    if kernel_queries is not None and not use_causal:
+        call = _queries_call(kind, shape, kernel_queries, key_padding_mask, attn_mask)
+        if call is not None:
+            return call
     projection = _Projection.of(mha, keep)
     mask = None if use_causal else attn_mask
 
@@ -189,6 +197,48 @@ def mha_call(
 
     held = tuple(t for t in (query_lbe, key_lbe, key_padding_mask, mask) if t is not None)
     return AttentionCall(kind, shape, query.dtype, compute, held)
+
+
+def _queries_call(
+    kind: str,
+    shape: tuple[int, int, int, int],
+    queries: tuple[Tensor, Tensor],
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+) -> AttentionCall | None:
+    """A self-attention call from the native kernel's scaled queries and keys (``torch_native``),
+    or None when they are not of the expected shape (the caller recomputes)."""
+    q, k = queries
+    batch, heads, length, keys = shape
+    if q.shape[:3] != (batch, heads, length) or k.shape[:3] != (batch, heads, keys):
+        return None
+
+    def compute(rows: Tensor | None = None) -> Tensor:
+        # the kernel reads both masks as boolean (nonzero hides the key) and never reads a
+        # hidden key's score: mirror its masked softmax
+        hidden = None
+        if attn_mask is not None:
+            hidden = attn_mask if attn_mask.dtype == torch.bool else attn_mask != 0
+            if hidden.dim() == 3:
+                hidden = hidden.view(batch, heads, length, keys)
+            if rows is not None:
+                hidden = hidden[..., rows, :]
+        if key_padding_mask is not None:
+            padding = (
+                key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
+            )
+            padding = padding.view(batch, 1, 1, keys)
+            hidden = padding if hidden is None else hidden | padding
+        with torch.no_grad():
+            # the kernel scaled the queries already
+            weights = softmax_weights(q if rows is None else q[:, :, rows], k, 1.0, None, hidden)
+        if key_padding_mask is None:
+            return weights
+        positions = torch.arange(length, device=q.device) if rows is None else rows
+        return _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
+
+    held = tuple(t for t in (q, k, key_padding_mask, attn_mask) if t is not None)
+    return AttentionCall(kind, shape, q.dtype, compute, held)
 
 
 def _conform(
@@ -232,26 +282,57 @@ def _mha_weights(
     full_len, batch, _ = query.shape
     if rows is not None:
         query = query[rows]
-        if attn_mask is not None:
-            attn_mask = attn_mask[rows] if attn_mask.dim() == 2 else attn_mask[:, rows]
-    query_len = query.size(0)
-    heads, head_dim = p.heads, p.head_dim
     q = F.linear(query, p.w_q, p.b_q)
     k = F.linear(key, p.w_k, p.b_k)
-    dtype = q.dtype
-    mask = additive_mask(attn_mask, dtype)
-    padding = additive_mask(key_padding_mask, dtype)
+    extra_keys = 0
     if p.bias_k is not None:
         k = torch.cat([k, p.bias_k.to(k.dtype).repeat(1, batch, 1)])
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        padding = None if padding is None else F.pad(padding, (0, 1))
-    q = q.view(query_len, batch, heads, head_dim).permute(1, 2, 0, 3)
-    k = k.view(k.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
+        extra_keys += 1
+    q = q.view(q.size(0), batch, p.heads, p.head_dim).permute(1, 2, 0, 3)
+    k = k.view(k.size(0), batch, p.heads, p.head_dim).permute(1, 2, 0, 3)
     if p.add_zero_attn:
-        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        padding = None if padding is None else F.pad(padding, (0, 1))
+        k = torch.cat([k, k.new_zeros(batch, p.heads, 1, p.head_dim)], dim=2)
+        extra_keys += 1
+    return _projected_weights(
+        q,
+        k,
+        math.sqrt(1.0 / float(p.head_dim)),
+        key_padding_mask,
+        attn_mask,
+        causal,
+        rows,
+        full_len,
+        zero_padded_queries=zero_padded_queries,
+        extra_keys=extra_keys,
+    )
+
+
+def _projected_weights(
+    q: Tensor,
+    k: Tensor,
+    scale: float,
+    key_padding_mask: Tensor | None,
+    attn_mask: Tensor | None,
+    causal: bool,
+    rows: Tensor | None,
+    full_len: int,
+    *,
+    zero_padded_queries: bool,
+    extra_keys: int = 0,
+) -> Tensor:
+    """Weights from projected (batch, heads, query, dim) queries (those at ``rows`` only,
+    when given, of ``full_len``) and (batch, heads, key, dim) keys, with MHA's masks; the
+    last ``extra_keys`` keys (``bias_k``, ``add_zero_attn``) are under no mask."""
+    batch, heads, query_len, _ = q.shape
     key_len = k.size(2)
+    dtype = q.dtype
+    if rows is not None and attn_mask is not None:
+        attn_mask = attn_mask[rows] if attn_mask.dim() == 2 else attn_mask[:, rows]
+    mask = additive_mask(attn_mask, dtype)
+    padding = additive_mask(key_padding_mask, dtype)
+    if extra_keys:
+        mask = None if mask is None else F.pad(mask, (0, extra_keys))
+        padding = None if padding is None else F.pad(padding, (0, extra_keys))
     if causal:
         mask = causal_additive_mask(full_len, key_len, dtype, q.device)
         mask = mask if rows is None else mask[rows]
@@ -260,7 +341,7 @@ def _mha_weights(
     if padding is not None:
         padding = padding.view(batch, 1, 1, key_len)
         mask = padding if mask is None else mask + padding
-    weights = softmax_weights(q, k, math.sqrt(1.0 / float(head_dim)), mask)
+    weights = softmax_weights(q, k, scale, mask)
     if zero_padded_queries and key_padding_mask is not None:
         positions = torch.arange(full_len, device=weights.device) if rows is None else rows
         weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
@@ -320,8 +401,7 @@ class TorchNNAdapter:
         keep: Callable[[str], bool] = lambda name: True,
     ) -> None:
         session = _Session(recorder, {id(m): n for n, m in selected.items()})
-        if session.native:
-            stack.callback(torch_native.activate())
+        stack.callback(torch_native.activate())
         for module in selected.values():
             stack.callback(observe(module, session.observe_mha).remove)
         for module in model.modules():
@@ -342,24 +422,23 @@ class _Session:
         self.names = names
         self.mha_calls: dict[int, int] = {}
         self.encoders: list[_EncoderFrame] = []
-        # a lazy capture holds inputs, not L² weights: it recomputes later instead
-        self.native = not recorder.keep
 
-    def _run(self, attention: nn.MultiheadAttention, proceed: Proceed) -> tuple[Any, Tensor | None]:
-        """Run the observed module's own forward; return its output and any weights its
-        native kernel computed for ``attention`` (see ``torch_native``)."""
-        if not self.native:
-            return proceed(), None
-        with torch_native.requested(attention) as request:
+    def _run(
+        self, attention: nn.MultiheadAttention, proceed: Proceed
+    ) -> tuple[Any, torch_native.Request]:
+        """Run the observed module's own forward; return its output and what its native
+        kernel computed for ``attention`` (see ``torch_native``): the weights, or for a lazy
+        capture (which must not hold L² weights) the scaled queries and keys."""
+        with torch_native.requested(attention, queries=self.recorder.keep) as request:
             output = proceed()
-        return output, request.weights
+        return output, request
 
     def observe_mha(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
         bound = _bind(type(module).forward, (module, *args), kwargs)
         assert isinstance(module, _MHA)
-        output, kernel_weights = self._run(module, proceed)
+        output, kernel = self._run(module, proceed)
         self.mha_calls[id(module)] = self.mha_calls.get(id(module), 0) + 1
         # weights MHA returned itself, or that its native kernel computed: no recompute
         given = returned_weights(module, output, bound)
@@ -372,7 +451,8 @@ class _Session:
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
             keep=self.recorder.keep,
-            kernel_weights=kernel_weights if given is None else given,
+            kernel_weights=kernel.weights if given is None else given,
+            kernel_queries=kernel.qk,
         )
         self.recorder.record(self.names[id(module)], call)
         return output
@@ -383,7 +463,7 @@ class _Session:
         assert isinstance(module, nn.TransformerEncoderLayer)
         attention = module.self_attn
         calls_before = self.mha_calls.get(id(attention), 0)
-        output, kernel_weights = self._run(attention, proceed)
+        output, kernel = self._run(attention, proceed)
         if self.mha_calls.get(id(attention), 0) != calls_before:
             return output  # the slow path called self_attn, which recorded itself
         try:
@@ -402,7 +482,8 @@ class _Session:
             bound["src_key_padding_mask"],
             outer,
             keep=self.recorder.keep,
-            kernel_weights=kernel_weights,
+            kernel_weights=kernel.weights,
+            kernel_queries=kernel.qk,
         )
         self.recorder.record(self.names[id(attention)], call)
         return output
@@ -433,6 +514,7 @@ def encoder_layer_call(
     *,
     keep: bool = False,
     kernel_weights: Tensor | None = None,
+    kernel_queries: tuple[Tensor, Tensor] | None = None,
 ) -> AttentionCall:
     """The self-attention of an encoder layer as its slow path would have computed it.
 
@@ -449,7 +531,7 @@ def encoder_layer_call(
             src_key_padding_mask = outer.padding
         else:
             src, src_key_padding_mask = _padding_from_nested(src)
-    if layer.norm_first and kernel_weights is None:  # the kernel's weights need no query
+    if layer.norm_first and kernel_weights is None and kernel_queries is None:
         with torch.no_grad():
             src = layer.norm1(src)
     # The fused kernel uses src_mask as given and ignores the is_causal hint: mirror it.
@@ -463,4 +545,5 @@ def encoder_layer_call(
         need_weights=False,
         keep=keep,
         kernel_weights=kernel_weights,
+        kernel_queries=kernel_queries,
     )
