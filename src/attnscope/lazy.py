@@ -2,11 +2,11 @@
 
 A lazy capture keeps, per attention call, the tensors its recompute reads (``held``: the
 queries and keys the kernel computed or saw, else the inputs and a copy of the projection, and
-the masks) instead of the (batch, heads, query, key) weights, so it holds O(L) per call instead of O(L²) and costs
-almost nothing during the forward. The weights are computed whenever they are read, exactly
-as an eager capture computes them. A held tensor that the model later changes in place (a
-static KV cache, say) would give other weights, so each keeps its version counter and a change
-raises instead.
+the masks) instead of the (batch, heads, query, key) weights, so it holds O(L) per call
+instead of O(L²) and costs almost nothing during the forward. The weights are computed
+whenever they are read, exactly as an eager capture computes them. A held tensor that the
+model later changes in place (a static KV cache, say) would give other weights, so each keeps
+its version counter and a change raises instead.
 """
 
 from __future__ import annotations

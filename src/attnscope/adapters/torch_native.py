@@ -29,8 +29,11 @@ projection, ``_transform_bias_rescale_qkv``, ``q kᵀ``, masked softmax, ``·v``
 projection; ``native_attention``), bit-identical on dense self-attention, and a compact copy
 of q and k is kept (the packed q/k/v buffer goes back to the allocator, as it would have).
 Nothing of the module is then held, so a later optimizer step changes nothing, and no
-projection is recomputed. Nested input runs the kernel itself (the lazy capture then holds the
-layer's input and a copy of the projection).
+projection is recomputed. That is where q and k are the smaller thing to hold: batch x length
+up to about twice the embedding size (BERT-base at 512 tokens, batch 1). Beyond it, and on
+nested input, the kernel runs itself and the lazy capture holds the layer's input and a copy
+of the query and key projections (half of q and k, plus a constant), computing q and k on
+access: less memory, and less to write during the forward.
 
 Where this does not apply, the adapter recomputes beside the kernel: off the CPU (on CUDA,
 ``need_weights`` moves the kernel from sdpa to its math path, which changes the output's
@@ -178,7 +181,7 @@ def _native_mha_with_weights(
     # capture gets exactly the call it would have got
     replaceable = not need_weights and _originals.get("mha") is _KERNELS["mha"]
     request = _pending_for(qkv_weight, query.device) if replaceable else None
-    if request is None or (request.queries and not _composable(query, key, value)):
+    if request is None or (request.queries and not _keeps_queries(query, key, value, embed_dim)):
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
     if request.queries:
         output, request.qk = _attention_keeping_queries(*args, mask, mask_type)
@@ -201,7 +204,7 @@ def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
     if request is None or src is None or _is_empty(src):
         return _call_through("layer", *args, **kwargs)
     if request.queries:
-        if not _composable(src, src, src):
+        if not _keeps_queries(src, src, src, args[1]):
             return _call_through("layer", *args, **kwargs)
         output, request.qk = encoder_layer_forward(*args, attention=_attention_keeping_queries)
         return output
@@ -223,15 +226,12 @@ def _attention_with_weights(
     return output, weights
 
 
-def _composable(query: Tensor, key: Tensor, value: Tensor) -> bool:
-    """Whether ``native_attention`` computes what the kernel computes for this call."""
-    return (
-        query is key
-        and key is value
-        and not query.is_nested
-        and query.dim() == 3
-        and query.numel() > 0
-    )
+def _keeps_queries(query: Tensor, key: Tensor, value: Tensor, embed_dim: int) -> bool:
+    """Whether a lazy capture keeps this call's queries and keys: where ``native_attention``
+    computes what the kernel computes, and they take no more memory than what the adapter
+    holds otherwise (the input, and a copy of the query and key projections)."""
+    composable = query is key and key is value and not query.is_nested and query.dim() == 3
+    return composable and 0 < query.numel() <= 2 * embed_dim * (embed_dim + 1)
 
 
 def native_attention(

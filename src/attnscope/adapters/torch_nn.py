@@ -84,6 +84,9 @@ class _Projection:
     heads: int
     head_dim: int
 
+    def tensors(self) -> tuple[Tensor | None, ...]:
+        return (self.w_q, self.w_k, self.b_q, self.b_k, self.bias_k)
+
     @classmethod
     def of(cls, mha: nn.MultiheadAttention, keep: bool) -> _Projection:
         embed = mha.embed_dim
@@ -195,7 +198,11 @@ def mha_call(
                 zero_padded_queries=self_attention,
             )
 
-    held = tuple(t for t in (query_lbe, key_lbe, key_padding_mask, mask) if t is not None)
+    held = tuple(
+        t
+        for t in (query_lbe, key_lbe, key_padding_mask, mask, *projection.tensors())
+        if t is not None
+    )
     return AttentionCall(kind, shape, query.dtype, compute, held)
 
 
