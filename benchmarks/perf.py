@@ -11,7 +11,8 @@ need_weights=True); for HF models eager + output_attentions; TransformerLens run
 (attention patterns only) next to its own plain forward.
 Timings: interleaved rounds in one process (at least --repeats, more for fast cases, up to
 --budget seconds per case); the JSON has each variant's median and minimum and their ratios
-to the baseline's (the minimum is the figure least disturbed by other load on the machine).
+to the baseline's (the minimum is the figure least disturbed by other load on the machine),
+and the paired ratio: the median of the per-round ratios to the baseline.
 Memory: peak RSS of a fresh process that builds the case and runs the variant twice
 (subprocess per variant).
 Writes benchmarks/results/perf.json.
@@ -217,6 +218,12 @@ def median_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, f
     return row
 
 
+def paired_ratio(values: list[float], baseline: list[float]) -> float:
+    """Median over rounds of this variant's time over the baseline's in the same round: the
+    machine's slow drifts (a neighbour's load for a minute) cancel within a round."""
+    return statistics.median(v / b for v, b in zip(values, baseline, strict=True))
+
+
 def peak_rss_mb(case: str, variant: str) -> float:
     out = subprocess.run(
         [sys.executable, __file__, "--one", case, variant, "--device", str(DEVICE)],
@@ -275,6 +282,7 @@ def main() -> None:
             row: dict[str, float] = {
                 "median_s": round(median, 4),
                 "ratio": round(median / statistics.median(baseline), 3),
+                "paired_ratio": round(paired_ratio(values, baseline), 3),
                 "min_s": round(min(values), 4),
                 "min_ratio": round(min(values) / min(baseline), 3),
                 "rounds": len(values),
