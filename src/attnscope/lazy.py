@@ -64,14 +64,17 @@ class LazyWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the held tensors (shared storages counted once)."""
-        return sum(self.storages().values())
+        """Bytes of the held tensors (a tensor held twice counted once)."""
+        return sum(self.held_bytes().values())
 
-    def storages(self) -> dict[int, int]:
-        """The bytes of each storage the held tensors live in, by address."""
-        return {
-            t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in self._call.held
-        }
+    def held_bytes(self) -> dict[tuple[int, int], int]:
+        """The bytes of each held tensor, by (address, bytes): a tensor several calls hold,
+        such as a mask, has the same key in each."""
+        sizes = {}
+        for t in self._call.held:
+            size = min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+            sizes[(t.data_ptr(), size)] = size
+        return sizes
 
 
 def finish(

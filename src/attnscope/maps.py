@@ -238,12 +238,12 @@ class AttentionMaps:
     def nbytes(self) -> int:
         """Bytes held: the weights, or for a lazy capture the tensors kept to compute them
         (a tensor several calls keep, such as a mask, counted once)."""
-        held: dict[int, int] = {}
+        held: dict[tuple[int, int], int] = {}
         total = 0
         for ws in self._calls.values():
             for w in ws:
                 if isinstance(w, LazyWeights):
-                    held.update(w.storages())
+                    held.update(w.held_bytes())
                 else:
                     total += w.numel() * w.element_size()
         return total + sum(held.values())

@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from ..recompute import weights_buffer
+from .. import pool
 
 
 class Request:
@@ -282,12 +282,12 @@ def _attention_keeping_queries(
     query: Tensor, key: Tensor, value: Tensor, *args: Any
 ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """``native_attention``, keeping a compact copy of its queries and keys (not the packed
-    q/k/v buffer: that one goes back to the allocator, as it would have)."""
+    q/k/v buffer: that one goes back to the allocator, as it would have). CPU only."""
     output, q, k = native_attention(query, *args)
-    kept = weights_buffer((2, *q.shape), q.dtype, q.device)
-    kept[0].copy_(q)
-    kept[1].copy_(k)
-    return output, (kept[0], kept[1])
+    kept_q, kept_k = pool.parts(2, tuple(q.shape), q.dtype)  # warm pages, see ``pool``
+    kept_q.copy_(q)
+    kept_k.copy_(k)
+    return output, (kept_q, kept_k)
 
 
 def _is_empty(src: Tensor) -> bool:

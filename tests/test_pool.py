@@ -1,0 +1,94 @@
+"""The pool of warm blocks a lazy capture keeps its queries and keys in (attnscope.pool)."""
+
+from __future__ import annotations
+
+import gc
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+import attnscope
+from attnscope import pool
+
+
+@pytest.fixture(autouse=True)
+def empty_pool() -> Iterator[None]:
+    pool.release()
+    yield
+    pool.release()
+
+
+def test_a_block_comes_back_only_when_every_part_is_gone() -> None:
+    q, k = pool.parts(2, (4, 8), torch.float32)
+    assert q.shape == k.shape == (4, 8) and q.dtype == torch.float32
+    assert q.data_ptr() + q.nbytes == k.data_ptr()  # one block, cut in two
+    address = q.data_ptr()
+    del q
+    gc.collect()
+    assert pool.free_bytes() == 0  # k still uses the block
+    del k
+    gc.collect()
+    assert pool.free_bytes() == 2 * 4 * 8 * 4
+    again, _ = pool.parts(2, (4, 8), torch.float32)
+    assert again.data_ptr() == address  # the same warm block
+    assert pool.free_bytes() == 0
+
+
+def test_blocks_in_use_are_never_handed_out_twice() -> None:
+    first = pool.parts(2, (16,), torch.float64)
+    second = pool.parts(2, (16,), torch.float64)
+    starts = {t.data_ptr() for t in (*first, *second)}
+    assert len(starts) == 4
+
+
+def test_a_much_larger_block_is_not_taken_for_a_small_request() -> None:
+    big = pool.parts(1, (1024,), torch.float32)
+    del big
+    gc.collect()
+    assert pool.free_bytes() == 4096
+    small = pool.parts(1, (800,), torch.float32)  # a quarter more than that at most
+    assert small[0].numel() == 800 and pool.free_bytes() == 4096
+    close = pool.parts(1, (1000,), torch.float32)
+    assert close[0].numel() == 1000 and pool.free_bytes() == 0
+
+
+def test_the_pool_keeps_at_most_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "LIMIT", 100)
+    parts = [pool.parts(1, (20,), torch.float32) for _ in range(3)]  # 80 bytes each
+    del parts
+    gc.collect()
+    assert pool.free_bytes() == 80
+    pool.release()
+    assert pool.free_bytes() == 0
+
+
+def test_lazy_captures_in_a_loop_reuse_blocks_and_stay_exact() -> None:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    inputs = [torch.randn(1, 6, 16) for _ in range(3)]
+    kept: list[attnscope.AttentionMaps] = []
+    with torch.no_grad():
+        for x in inputs:
+            with attnscope.capture(model) as eager:
+                model(x)
+            with attnscope.capture(model, lazy=True) as lazy:
+                model(x)
+            kept.append(lazy)  # alive: its blocks stay its own
+            for name in eager.names:
+                torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+        assert pool.free_bytes() == 0
+        held = kept[0].nbytes
+        del lazy
+        kept.clear()
+        gc.collect()
+        assert pool.free_bytes() == 3 * held
+        with attnscope.capture(model, lazy=True) as lazy:
+            model(inputs[0])
+        assert pool.free_bytes() == 2 * held  # one capture's blocks taken again
+        with attnscope.capture(model) as eager:
+            model(inputs[0])
+    for name in eager.names:
+        torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
