@@ -17,7 +17,7 @@ Memory: peak RSS of a fresh process that builds the case and runs the variant tw
 (subprocess per variant).
 Writes benchmarks/results/perf.json.
 
-    python benchmarks/perf.py [--repeats 9] [--budget 60] [--cases enc256 ...] [--no-memory]
+    python benchmarks/perf.py [--repeats 15] [--budget 120] [--cases enc256 ...] [--no-memory]
                               [--device cuda]   (on a GPU: peak memory is then the device's)
 """
 
@@ -236,9 +236,9 @@ def peak_rss_mb(case: str, variant: str) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=9, help="at least this many rounds")
+    parser.add_argument("--repeats", type=int, default=15, help="at least this many rounds")
     parser.add_argument(
-        "--budget", type=float, default=60.0, help="seconds of timing per case (more rounds)"
+        "--budget", type=float, default=120.0, help="seconds of timing per case (more rounds)"
     )
     parser.add_argument(
         "--cases",
