@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
@@ -129,8 +129,11 @@ def test_native_attention_output_does_not_depend_on_need_weights(mask: str) -> N
     head_dim=st.sampled_from([1, 3, 8, 16, 33]),
     dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
     mask_type=st.sampled_from([None, 0, 1, 2]),
+    layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
     seed=st.integers(0, 2**16),
 )
+@example(1, 2, 2, 4, torch.float32, None, "transposed", 0)  # strides where matmul can fold
+@example(2, 1, 2, 4, torch.float32, 1, "transposed", 0)
 def test_native_attention_is_the_kernel_op_for_op(
     batch: int,
     length: int,
@@ -138,18 +141,26 @@ def test_native_attention_is_the_kernel_op_for_op(
     head_dim: int,
     dtype: torch.dtype,
     mask_type: int | None,
+    layout: str,
     seed: int,
 ) -> None:
-    """PyTorch fact 3: attention.cpp's ops, run one by one, give the native kernel's bits;
-    and the queries and keys they keep give its weights."""
+    """PyTorch fact 3: attention.cpp's ops, run one by one, give the native kernel's bits
+    (for strided queries too, and a projection weight that requires grad, as a module's
+    does); and the queries and keys they keep give its weights."""
     generator = torch.Generator().manual_seed(seed)
     embed = heads * head_dim
 
     def rand(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=generator).to(dtype)
 
-    x = rand(batch, length, embed)
-    params = (embed, heads, rand(3 * embed, embed) / embed**0.5, rand(3 * embed))
+    if layout == "transposed":
+        x = rand(length, batch, embed).transpose(0, 1)
+    elif layout == "sliced":
+        x = rand(batch, length + 3, embed)[:, 1 : length + 1]
+    else:
+        x = rand(batch, length, embed)
+    qkv_weight = (rand(3 * embed, embed) / embed**0.5).requires_grad_()
+    params = (embed, heads, qkv_weight, rand(3 * embed))
     params += (rand(embed, embed) / embed**0.5, rand(embed))
     shapes = {0: (length, length), 1: (batch, length), 2: (batch, heads, length, length)}
     mask = None if mask_type is None else torch.rand(*shapes[mask_type], generator=generator) < 0.3
@@ -309,6 +320,40 @@ def test_someone_else_patching_the_kernel_keeps_working() -> None:
     finally:
         patch.undo()
         torch._transformer_encoder_layer_fwd = kernel
+
+
+def test_lazy_fast_path_keeps_output_bits_for_strided_input() -> None:
+    torch.manual_seed(6)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    layer = nn.TransformerEncoderLayer(32, 4, 64, batch_first=True).eval()
+    inputs = [torch.randn(length, batch, 32).transpose(0, 1) for length, batch in [(5, 2), (2, 1)]]
+    inputs += [torch.randn(1, 2, 32).transpose(0, 1), torch.randn(2, 9, 32)[:, 2:7]]
+    for x in inputs:
+        with torch.no_grad():
+            expected = mha(x, x, x, need_weights=False)[0], layer(x)
+            with attnscope.capture(mha, lazy=True) as attn, attnscope.capture(layer, lazy=True):
+                got = mha(x, x, x, need_weights=False)[0], layer(x)
+            with attnscope.capture(mha) as eager:
+                mha(x, x, x, need_weights=False)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+        torch.testing.assert_close(attn[""], eager[""], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_is_causal_hint_with_another_mask_reports_the_mask_the_fast_path_used(lazy: bool) -> None:
+    """The fast path applies ``attn_mask`` as given and ignores ``is_causal``."""
+    from test_capture_sweep import output_from_weights
+
+    torch.manual_seed(7)
+    mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
+    x = torch.randn(2, 6, 16)
+    mask = torch.rand(6, 6) < 0.3  # not causal
+    mask.fill_diagonal_(False)
+    with torch.no_grad(), attnscope.capture(mha, lazy=lazy) as attn:
+        out = mha(x, x, x, attn_mask=mask, need_weights=False, is_causal=True)[0]
+    assert float(attn[""][..., mask].abs().max()) == 0.0
+    rebuilt = output_from_weights(mha, attn[""], x, batch_first=True)
+    torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("lazy", [False, True])

@@ -64,6 +64,30 @@ def test_the_pool_keeps_at_most_its_limit(monkeypatch: pytest.MonkeyPatch) -> No
     assert pool.free_bytes() == 0
 
 
+def test_the_oldest_free_blocks_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "LIMIT", 100)
+    old = pool.parts(1, (15,), torch.float32)  # 60 bytes
+    new = pool.parts(1, (10,), torch.float32)  # 40 bytes
+    young = pool.parts(1, (12,), torch.float32)  # 48 bytes
+    del old
+    gc.collect()
+    del new
+    gc.collect()
+    assert pool.free_bytes() == 100
+    del young
+    gc.collect()
+    assert pool.free_bytes() == 88  # the 60-byte block, the oldest, made room
+
+
+def test_a_block_returned_while_the_pool_is_locked_does_not_deadlock() -> None:
+    """The garbage collector may finalize a block on a thread inside the pool's lock."""
+    piece = pool.parts(1, (8,), torch.float32)
+    with pool._lock:
+        del piece
+        gc.collect()  # the finalizer runs here, under the lock
+    assert pool.free_bytes() == 32
+
+
 def test_lazy_captures_in_a_loop_reuse_blocks_and_stay_exact() -> None:
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)

@@ -15,8 +15,8 @@ every tensor cut from it is gone (each carries one shared token, which a
 ``weakref.finalize`` watches; a tensor that C++ still references keeps its Python object,
 and so the token). A loop of captures, one per batch, then writes into warm pages. These
 tensors never leave attnscope (``LazyWeights`` computes fresh weights from them), so no view
-of a block outlives them. The pool keeps at most ``LIMIT`` bytes of free blocks;
-``release()`` hands them all back to the allocator.
+of a block outlives them. The pool keeps at most ``LIMIT`` bytes of free blocks, the oldest
+making room for newer ones; ``release()`` hands them all back to the allocator.
 """
 
 from __future__ import annotations
@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 import threading
 import weakref
+from collections import deque
+from queue import Empty, SimpleQueue
 
 import torch
 from torch import Tensor
@@ -32,7 +34,11 @@ LIMIT = 256 << 20
 
 _lock = threading.Lock()
 _free: dict[int, list[Tensor]] = {}  # uint8 CPU blocks no tensor uses, by size
+_order: deque[int] = deque()  # the sizes of the free blocks, oldest first
 _free_total = 0
+# Blocks come back from weakref callbacks, which the garbage collector may run on a thread
+# that holds ``_lock`` already: they only queue (no lock), and the queue is drained under it.
+_returned: SimpleQueue[Tensor] = SimpleQueue()
 
 
 def parts(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -51,7 +57,7 @@ def parts(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tenso
     token = _Token()
     for piece in pieces:
         piece._attnscope_pool_token = token  # type: ignore[attr-defined]
-    weakref.finalize(token, _give, block)
+    weakref.finalize(token, _returned.put, block).atexit = False
     return pieces
 
 
@@ -59,12 +65,26 @@ class _Token:
     """Lives as long as the longest-lived tensor cut from one block."""
 
 
-def _give(block: Tensor) -> None:
+def _drain() -> None:
+    """File the returned blocks, the oldest free ones making room (under ``_lock``)."""
     global _free_total
-    with _lock:
-        if _free_total + block.numel() <= LIMIT:
-            _free.setdefault(block.numel(), []).append(block)
-            _free_total += block.numel()
+    while True:
+        try:
+            block = _returned.get_nowait()
+        except Empty:
+            return
+        size = block.numel()
+        if size > LIMIT:
+            continue
+        while _free_total + size > LIMIT:
+            oldest = _order.popleft()
+            _free[oldest].pop(0)
+            if not _free[oldest]:
+                del _free[oldest]
+            _free_total -= oldest
+        _free.setdefault(size, []).append(block)
+        _order.append(size)
+        _free_total += size
 
 
 def _take(size: int) -> Tensor:
@@ -72,6 +92,7 @@ def _take(size: int) -> Tensor:
     one."""
     global _free_total
     with _lock:
+        _drain()
         fitting = [n for n in _free if size <= n <= size + size // 4]
         if fitting:
             best = min(fitting)
@@ -79,14 +100,16 @@ def _take(size: int) -> Tensor:
             block = blocks.pop()
             if not blocks:
                 del _free[best]
+            _order.remove(best)
             _free_total -= best
             return block
-    return torch.empty(max(size, 1), dtype=torch.uint8)
+    return torch.empty(max(size, 1), dtype=torch.uint8, device="cpu")
 
 
 def free_bytes() -> int:
     """Bytes of the blocks the pool holds for the next capture."""
     with _lock:
+        _drain()
         return _free_total
 
 
@@ -94,5 +117,7 @@ def release() -> None:
     """Give every free block back to the allocator."""
     global _free_total
     with _lock:
+        _drain()
         _free.clear()
+        _order.clear()
         _free_total = 0

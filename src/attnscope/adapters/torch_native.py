@@ -260,8 +260,10 @@ def native_attention(
     >>> torch.equal(out, kernel), tuple(q.shape)
     (True, (2, 2, 5, 4))
     """
+    # detached: matmul folds the batch differently for a weight that requires grad, even under
+    # no_grad, and only the kernel's way (a batched product for a strided query) gives its bits
     q, k, v = torch._transform_bias_rescale_qkv(
-        torch.matmul(query, qkv_weight.t()), qkv_bias, num_head
+        torch.matmul(query, qkv_weight.detach().t()), qkv_bias, num_head
     )
     batch, heads, length, head_dim = q.shape
     flat = (batch * heads, length, head_dim)

@@ -178,7 +178,7 @@ def mha_call(
         weights = _conform(kernel_weights, shape, key_padding_mask, attn_mask, self_attention)
         if weights is not None:
             return AttentionCall.of_weights(kind, weights)
-    if kernel_queries is not None and not use_causal:
+    if kernel_queries is not None:  # the kernel used the mask as given, hint or not
         call = _queries_call(kind, shape, kernel_queries, key_padding_mask, attn_mask)
         if call is not None:
             return call
