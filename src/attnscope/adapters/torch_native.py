@@ -185,9 +185,8 @@ def _native_mha_with_weights(
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
     if request.queries:
         output, request.qk = _attention_keeping_queries(*args, mask, mask_type)
-        return output, None
-    output, weights = _call_through("mha", *args, mask, True, False, mask_type)
-    request.weights = weights
+    else:  # PyTorch's own kernel (checked above), asked for the weights it computes anyway
+        output, request.weights = _attention_with_weights(*args, mask, mask_type)
     return output, None
 
 

@@ -220,21 +220,19 @@ def _queries_call(
     if q.shape[:3] != (batch, heads, length) or k.shape[:3] != (batch, heads, keys):
         return None
 
+    # the kernel reads both masks as boolean (nonzero hides the key) and never reads a hidden
+    # key's score: mirror its masked softmax
+    hidden_keys = _as_fused_bool(attn_mask)
+    if hidden_keys is not None and hidden_keys.dim() == 3:
+        hidden_keys = hidden_keys.view(batch, heads, length, keys)
+    padding = _as_fused_bool(key_padding_mask)
+    padding = None if padding is None else padding.view(batch, 1, 1, keys)
+
     def compute(rows: Tensor | None = None) -> Tensor:
-        # the kernel reads both masks as boolean (nonzero hides the key) and never reads a
-        # hidden key's score: mirror its masked softmax
-        hidden = None
-        if attn_mask is not None:
-            hidden = attn_mask if attn_mask.dtype == torch.bool else attn_mask != 0
-            if hidden.dim() == 3:
-                hidden = hidden.view(batch, heads, length, keys)
-            if rows is not None:
-                hidden = hidden[..., rows, :]
-        if key_padding_mask is not None:
-            padding = (
-                key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask != 0
-            )
-            padding = padding.view(batch, 1, 1, keys)
+        hidden = hidden_keys
+        if hidden is not None and rows is not None:
+            hidden = hidden[..., rows, :]
+        if padding is not None:
             hidden = padding if hidden is None else hidden | padding
         with torch.no_grad():
             # the kernel scaled the queries already
@@ -289,57 +287,26 @@ def _mha_weights(
     full_len, batch, _ = query.shape
     if rows is not None:
         query = query[rows]
+        if attn_mask is not None:
+            attn_mask = attn_mask[rows] if attn_mask.dim() == 2 else attn_mask[:, rows]
+    query_len = query.size(0)
+    heads, head_dim = p.heads, p.head_dim
     q = F.linear(query, p.w_q, p.b_q)
     k = F.linear(key, p.w_k, p.b_k)
-    extra_keys = 0
-    if p.bias_k is not None:
-        k = torch.cat([k, p.bias_k.to(k.dtype).repeat(1, batch, 1)])
-        extra_keys += 1
-    q = q.view(q.size(0), batch, p.heads, p.head_dim).permute(1, 2, 0, 3)
-    k = k.view(k.size(0), batch, p.heads, p.head_dim).permute(1, 2, 0, 3)
-    if p.add_zero_attn:
-        k = torch.cat([k, k.new_zeros(batch, p.heads, 1, p.head_dim)], dim=2)
-        extra_keys += 1
-    return _projected_weights(
-        q,
-        k,
-        math.sqrt(1.0 / float(p.head_dim)),
-        key_padding_mask,
-        attn_mask,
-        causal,
-        rows,
-        full_len,
-        zero_padded_queries=zero_padded_queries,
-        extra_keys=extra_keys,
-    )
-
-
-def _projected_weights(
-    q: Tensor,
-    k: Tensor,
-    scale: float,
-    key_padding_mask: Tensor | None,
-    attn_mask: Tensor | None,
-    causal: bool,
-    rows: Tensor | None,
-    full_len: int,
-    *,
-    zero_padded_queries: bool,
-    extra_keys: int = 0,
-) -> Tensor:
-    """Weights from projected (batch, heads, query, dim) queries (those at ``rows`` only,
-    when given, of ``full_len``) and (batch, heads, key, dim) keys, with MHA's masks; the
-    last ``extra_keys`` keys (``bias_k``, ``add_zero_attn``) are under no mask."""
-    batch, heads, query_len, _ = q.shape
-    key_len = k.size(2)
     dtype = q.dtype
-    if rows is not None and attn_mask is not None:
-        attn_mask = attn_mask[rows] if attn_mask.dim() == 2 else attn_mask[:, rows]
     mask = additive_mask(attn_mask, dtype)
     padding = additive_mask(key_padding_mask, dtype)
-    if extra_keys:
-        mask = None if mask is None else F.pad(mask, (0, extra_keys))
-        padding = None if padding is None else F.pad(padding, (0, extra_keys))
+    if p.bias_k is not None:
+        k = torch.cat([k, p.bias_k.to(k.dtype).repeat(1, batch, 1)])
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        padding = None if padding is None else F.pad(padding, (0, 1))
+    q = q.view(query_len, batch, heads, head_dim).permute(1, 2, 0, 3)
+    k = k.view(k.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
+    if p.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
+        mask = None if mask is None else F.pad(mask, (0, 1))
+        padding = None if padding is None else F.pad(padding, (0, 1))
+    key_len = k.size(2)
     if causal:
         mask = causal_additive_mask(full_len, key_len, dtype, q.device)
         mask = mask if rows is None else mask[rows]
@@ -348,7 +315,7 @@ def _projected_weights(
     if padding is not None:
         padding = padding.view(batch, 1, 1, key_len)
         mask = padding if mask is None else mask + padding
-    weights = softmax_weights(q, k, scale, mask)
+    weights = softmax_weights(q, k, math.sqrt(1.0 / float(head_dim)), mask)
     if zero_padded_queries and key_padding_mask is not None:
         positions = torch.arange(full_len, device=weights.device) if rows is None else rows
         weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
