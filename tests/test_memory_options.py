@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import attnscope
@@ -100,18 +101,40 @@ def test_lazy_equals_eager_and_holds_less(which: str) -> None:
         assert lazy.nbytes < full.nbytes
 
 
-def test_lazy_does_not_see_later_weight_updates_and_refuses_in_place_changes() -> None:
+# batch x length up to 2(D+1) = 18 keeps the kernel's q and k, above it the input
+@pytest.mark.parametrize("length", [5, 7])
+def test_lazy_mha_keeps_its_own_copies_of_input_masks_and_projection(length: int) -> None:
     torch.manual_seed(0)
-    mha = nn.MultiheadAttention(8, 2, batch_first=True)
-    x = torch.randn(1, 5, 8)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    x = torch.randn(3, length, 8)
+    pad = torch.zeros(3, length, dtype=torch.bool)
+    pad[1, 3:] = True
     with torch.no_grad(), attnscope.capture(mha) as eager:
-        mha(x, x, x, need_weights=False)
+        mha(x, x, x, key_padding_mask=pad, need_weights=False)
     with torch.no_grad(), attnscope.capture(mha, lazy=True) as lazy:
-        mha(x, x, x, need_weights=False)
+        mha(x, x, x, key_padding_mask=pad, need_weights=False)
     with torch.no_grad():
         mha.in_proj_weight.mul_(3.0)  # an optimizer step after the capture
+    x.add_(1.0)  # the caller reuses its buffers
+    pad.fill_(False)
     torch.testing.assert_close(lazy[""], eager[""], atol=1e-6, rtol=0)
-    x.add_(1.0)  # the held input itself changes in place
+    assert eager[""][1, :, :, 3:].abs().max() == 0  # the padding the call saw
+
+
+class _Attention(nn.Module):
+    """Attention over tensors the caller owns (a static KV cache, say)."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_lazy_refuses_a_held_tensor_changed_in_place() -> None:
+    q, k, v = torch.randn(3, 1, 2, 4, 8, generator=torch.Generator().manual_seed(0))
+    attention = _Attention()
+    with torch.no_grad(), attnscope.capture(attention, lazy=True) as lazy:
+        attention(q, k, v)
+    torch.testing.assert_close(lazy[""], torch.softmax(q @ k.mT / 8**0.5, -1), atol=1e-6, rtol=0)
+    k.add_(1.0)  # the cache is written after the forward
     with pytest.raises(AttnScopeError, match=r"changed in place.*lazy=False"):
         lazy[""]
 

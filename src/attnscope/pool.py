@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 LIMIT = 256 << 20
+ALIGN = 64  # bytes: every piece of a block starts on a cache line
 
 _lock = threading.Lock()
 _free: dict[int, list[Tensor]] = {}  # uint8 CPU blocks no tensor uses, by size
@@ -49,15 +50,49 @@ def parts(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tenso
     >>> q.shape, k.dtype
     (torch.Size([3, 4]), torch.float32)
     """
-    size = math.prod(shape) * dtype.itemsize
-    block = _take(count * size)
-    whole = block[: count * size].view(dtype).view(count, *shape)
-    pieces = tuple(whole[i] for i in range(count))
+    return empty(*[(shape, dtype)] * count)
+
+
+def empty(*layouts: tuple[tuple[int, ...], torch.dtype]) -> tuple[Tensor, ...]:
+    """Empty contiguous CPU tensors of the given (shape, dtype), cut from one pooled block
+    that returns to the pool when all of them are gone (each starts ``ALIGN``-aligned).
+
+    >>> x, mask = empty(((2, 3), torch.float32), ((3,), torch.bool))
+    >>> x.shape, mask.dtype
+    (torch.Size([2, 3]), torch.bool)
+    """
+    offsets, end = [], 0
+    for shape, dtype in layouts:
+        start = -(-end // ALIGN) * ALIGN
+        offsets.append(start)
+        end = start + math.prod(shape) * dtype.itemsize
+    block = _take(end)
+    pieces = tuple(
+        block[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+        for start, (shape, dtype) in zip(offsets, layouts, strict=True)
+    )
     # every piece carries the same token: it dies, and the block comes back, with the last
     token = _Token()
     for piece in pieces:
         piece._attnscope_pool_token = token  # type: ignore[attr-defined]
     weakref.finalize(token, _returned.put, block).atexit = False
+    return pieces
+
+
+def copies(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Detached contiguous copies of ``tensors``: on the CPU cut from one pooled block (see
+    ``empty``), elsewhere plain clones.
+
+    >>> x = torch.arange(6.0).view(2, 3)
+    >>> (copy,) = copies(x.t())
+    >>> torch.equal(copy, x.t()), copy.is_contiguous(), copy.data_ptr() != x.data_ptr()
+    (True, True, True)
+    """
+    if any(t.device.type != "cpu" for t in tensors):
+        return tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in tensors)
+    pieces = empty(*[(tuple(t.shape), t.dtype) for t in tensors])
+    for piece, tensor in zip(pieces, tensors, strict=True):
+        piece.copy_(tensor.detach())
     return pieces
 
 
