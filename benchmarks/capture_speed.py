@@ -73,7 +73,7 @@ def main() -> None:
             "layers": layers,
             "seed": seed_way,
         }
-        row = median_ratios(interleaved(variants, args.repeats), "fused")
+        row = median_ratios(interleaved(variants, args.repeats)[0], "fused")
         results[f"L={length}"] = row
         print(f"L={length}: " + ", ".join(f"{k} {v}" for k, v in row.items()))
 

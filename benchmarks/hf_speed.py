@@ -49,7 +49,7 @@ def main() -> None:
         return eager(input_ids=ids, attention_mask=mask, output_attentions=True)
 
     variants = {"sdpa": plain, "capture": captured, "eager_output_attentions": eager_weights}
-    results = median_ratios(interleaved(variants, args.repeats), "sdpa")
+    results = median_ratios(interleaved(variants, args.repeats)[0], "sdpa")
     report = {
         "benchmark": "hf_speed",
         "model": f"all-MiniLM-L6-v2, batch {args.batch} x {args.length} tokens, eval + no_grad",

@@ -12,7 +12,9 @@ need_weights=True); for HF models eager + output_attentions; TransformerLens run
 Timings: interleaved rounds in one process (at least --repeats, more for fast cases, up to
 --budget seconds per case); the JSON has each variant's median and minimum and their ratios
 to the baseline's (the minimum is the figure least disturbed by other load on the machine),
-and the paired ratio: the median of the per-round ratios to the baseline.
+and the paired ratio: the median of the per-round ratios to the baseline; release_ms is
+the median time to drop what a call returned, outside the timed call (a full capture's
+maps are handed back to the system then).
 Memory: peak RSS of a fresh process that builds the case and runs the variant twice
 (subprocess per variant).
 Writes benchmarks/results/perf.json.
@@ -179,14 +181,16 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
 
 def interleaved(
     variants: dict[str, Callable[[], object]], repeats: int, budget_s: float = 0.0
-) -> dict[str, list[float]]:
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """Seconds per call of every variant, under no_grad, interleaved round by round after one
-    warm-up round.
+    warm-up round; and seconds to drop what the call returned (a full capture's maps go back
+    to the system then, after the timed call, as they would when a user drops them).
 
     At least ``repeats`` rounds, more for fast cases until ``budget_s`` is spent: this machine's
     neighbours make single timings swing by 10% and more, so short cases get many rounds.
     """
     samples: dict[str, list[float]] = {name: [] for name in variants}
+    releases: dict[str, list[float]] = {name: [] for name in variants}
     with torch.no_grad():
         start = time.perf_counter()
         for fn in variants.values():
@@ -200,8 +204,10 @@ def interleaved(
                 result = fn()
                 synchronize()
                 samples[name].append(time.perf_counter() - start)
+                start = time.perf_counter()
                 del result
-    return samples
+                releases[name].append(time.perf_counter() - start)
+    return samples, releases
 
 
 def median_ratios(samples: dict[str, list[float]], baseline: str) -> dict[str, float]:
@@ -274,7 +280,7 @@ def main() -> None:
         "cases": dict(previous.get("cases", {})),  # cases not rerun keep their last figures
     }
     for case in args.cases:
-        samples = interleaved(build_case(case), args.repeats, args.budget)
+        samples, releases = interleaved(build_case(case), args.repeats, args.budget)
         baseline = next(iter(samples.values()))
         rows = {}
         for name, values in samples.items():
@@ -286,6 +292,7 @@ def main() -> None:
                 "min_s": round(min(values), 4),
                 "min_ratio": round(min(values) / min(baseline), 3),
                 "rounds": len(values),
+                "release_ms": round(statistics.median(releases[name]) * 1e3, 2),
             }
             if not args.no_memory:
                 row["peak_rss_mb"] = round(peak_rss_mb(case, name), 1)
