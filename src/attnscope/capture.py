@@ -127,8 +127,8 @@ def capture(
     Memory: ``include``/``exclude``, ``heads`` and ``rows`` (query positions, negative from the
     end: ``rows=[0]`` for CLS, ``rows=[-1]`` for the last token) select at capture time, and
     ``dtype``/``to`` apply as each module finishes. ``lazy=True`` keeps the queries, keys and
-    masks the kernels computed or saw (for PyTorch's fused layers, where smaller, the input and
-    a copy of the q/k projection) instead of the weights and computes weights when read;
+    masks the kernels computed or saw (for PyTorch's fused layers, where smaller, copies of the
+    input and of the q/k projection) instead of the weights and computes weights when read;
     ``spill="DIR"`` writes each call to disk as it is computed and maps it back.
 
     >>> import torch

@@ -1,12 +1,14 @@
 """Lazy weights: what is needed to compute one call's attention weights, computed on access.
 
 A lazy capture keeps, per attention call, the tensors its recompute reads (``held``: the
-queries and keys the kernel computed or saw, else the inputs and a copy of the projection, and
-the masks) instead of the (batch, heads, query, key) weights, so it holds O(L) per call
-instead of O(L²) and costs almost nothing during the forward. The weights are computed
-whenever they are read, exactly as an eager capture computes them. A held tensor that the
-model later changes in place (a static KV cache, say) would give other weights, so each keeps
-its version counter and a change raises instead.
+queries and keys the kernel computed or saw, else the inputs and the projection, and the
+masks) instead of the (batch, heads, query, key) weights, so it holds O(L) per call instead of
+O(L²) and costs almost nothing during the forward. The weights are computed whenever they are
+read, exactly as an eager capture computes them. The PyTorch adapters keep copies (from
+``attnscope.pool``), so a later optimizer step or a reused input buffer changes nothing. A
+tensor held as the model gave it (the q and k reaching ``scaled_dot_product_attention``) that
+is later changed in place (a static KV cache, say) would give other weights, so each held
+tensor keeps its version counter and a change raises instead.
 """
 
 from __future__ import annotations

@@ -31,9 +31,10 @@ of q and k is kept (the packed q/k/v buffer goes back to the allocator, as it wo
 Nothing of the module is then held, so a later optimizer step changes nothing, and no
 projection is recomputed. That is where q and k are the smaller thing to hold: batch x length
 up to about twice the embedding size (BERT-base at 512 tokens, batch 1). Beyond it, and on
-nested input, the kernel runs itself and the lazy capture holds the layer's input and a copy
-of the query and key projections (half of q and k, plus a constant), computing q and k on
-access: less memory, and less to write during the forward.
+nested input, the kernel runs itself and the lazy capture holds copies of the layer's input
+and of the query and key projections (half of q and k, plus a constant; pooled, see
+``torch_nn._owned``), computing q and k on access: less memory, and less to write during the
+forward.
 
 Where this does not apply, the adapter recomputes beside the kernel: off the CPU (on CUDA,
 ``need_weights`` moves the kernel from sdpa to its math path, which changes the output's
