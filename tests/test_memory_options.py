@@ -121,6 +121,26 @@ def test_lazy_mha_keeps_its_own_copies_of_input_masks_and_projection(length: int
     assert eager[""][1, :, :, 3:].abs().max() == 0  # the padding the call saw
 
 
+def test_lazy_keeps_a_broadcast_mask_as_one_copy() -> None:
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    batch, length = 6, 40  # above 2(D+1) rows: the input and projection are held
+    x = torch.randn(batch, length, 8)
+    hidden = torch.rand(length, length) < 0.3
+    hidden.fill_diagonal_(False)
+    mask = hidden.expand(batch * 2, length, length)  # one mask for every row and head
+    with torch.no_grad(), attnscope.capture(mha) as eager:
+        mha(x, x, x, attn_mask=mask, need_weights=False)
+    with torch.no_grad(), attnscope.capture(mha, lazy=True) as lazy:
+        mha(x, x, x, attn_mask=mask, need_weights=False)
+    was_hidden = hidden.clone()
+    hidden.fill_(False)  # the caller's mask changes after the forward
+    torch.testing.assert_close(lazy[""], eager[""], atol=1e-6, rtol=0)
+    assert float(lazy[""][:, :, was_hidden].abs().max()) == 0.0
+    # input, q and k projections with their biases, and the mask once: not batch x heads x L²
+    assert lazy.nbytes == x.nbytes + (2 * 8 * 8 + 2 * 8) * 4 + length * length
+
+
 class _Attention(nn.Module):
     """Attention over tensors the caller owns (a static KV cache, say)."""
 

@@ -340,17 +340,21 @@ def test_lazy_fast_path_keeps_output_bits_for_strided_input() -> None:
 
 
 @pytest.mark.parametrize("lazy", [False, True])
-def test_is_causal_hint_with_another_mask_reports_the_mask_the_fast_path_used(lazy: bool) -> None:
+@pytest.mark.parametrize("batch", [2, 8])  # lazy: the kernel's q/k up to 2(D+1) = 34 rows
+def test_is_causal_hint_with_another_mask_reports_the_mask_the_fast_path_used(
+    lazy: bool, batch: int
+) -> None:
     """The fast path applies ``attn_mask`` as given and ignores ``is_causal``."""
     from test_capture_sweep import output_from_weights
 
     torch.manual_seed(7)
     mha = nn.MultiheadAttention(16, 2, batch_first=True).eval()
-    x = torch.randn(2, 6, 16)
+    x = torch.randn(batch, 6, 16)
     mask = torch.rand(6, 6) < 0.3  # not causal
     mask.fill_diagonal_(False)
     with torch.no_grad(), attnscope.capture(mha, lazy=lazy) as attn:
         out = mha(x, x, x, attn_mask=mask, need_weights=False, is_causal=True)[0]
+    assert attn.kind("") == "self"
     assert float(attn[""][..., mask].abs().max()) == 0.0
     rebuilt = output_from_weights(mha, attn[""], x, batch_first=True)
     torch.testing.assert_close(rebuilt, out, atol=1e-5, rtol=0)

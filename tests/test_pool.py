@@ -36,6 +36,30 @@ def test_a_block_comes_back_only_when_every_part_is_gone() -> None:
     assert pool.free_bytes() == 0
 
 
+def test_copies_keep_layout_values_and_their_block() -> None:
+    x = torch.randn(3, 5, 4)
+    mask = torch.rand(5, 5) < 0.5
+    wide = mask.expand(6, 5, 5)  # one mask for every row
+    transposed, broadcast, plain = pool.copies(x.transpose(0, 1), wide, x[1])
+    assert torch.equal(transposed, x.transpose(0, 1)) and transposed.stride() == (4, 20, 1)
+    assert torch.equal(broadcast, wide) and broadcast.stride() == (0, 5, 1)
+    assert torch.equal(plain, x[1]) and plain.is_contiguous()
+    x.zero_()
+    mask.fill_(False)
+    assert transposed.abs().sum() > 0 and broadcast.sum() > 0  # copies, not views of the input
+    # every copy is a view of the block that the caller holds: while one lives, the block is
+    # in use and never handed out again
+    del broadcast, plain
+    gc.collect()
+    assert pool.free_bytes() == 0
+    before = transposed.clone()
+    pool.copies(torch.ones_like(x).transpose(0, 1), wide, torch.ones(5, 4))
+    assert torch.equal(transposed, before)
+    del transposed
+    gc.collect()
+    assert pool.free_bytes() > 0
+
+
 def test_blocks_in_use_are_never_handed_out_twice() -> None:
     first = pool.parts(2, (16,), torch.float64)
     second = pool.parts(2, (16,), torch.float64)

@@ -74,9 +74,18 @@ class LazyWeights:
         such as a mask, has the same key in each."""
         sizes = {}
         for t in self._call.held:
-            size = min(t.numel() * t.element_size(), t.untyped_storage().nbytes())
+            size = _span_bytes(t)
             sizes[(t.data_ptr(), size)] = size
         return sizes
+
+
+def _span_bytes(t: Tensor) -> int:
+    """The bytes a view reaches in its storage: a broadcast (stride 0) mask counts once, and a
+    piece of a larger block (``attnscope.pool``) only itself."""
+    if t.numel() == 0:
+        return 0
+    reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+    return (reach + 1) * t.element_size()
 
 
 def finish(

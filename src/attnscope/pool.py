@@ -14,9 +14,11 @@ So a lazy capture cuts what it keeps from blocks of this pool, and a block comes
 every tensor cut from it is gone (each carries one shared token, which a
 ``weakref.finalize`` watches; a tensor that C++ still references keeps its Python object,
 and so the token). A loop of captures, one per batch, then writes into warm pages. These
-tensors never leave attnscope (``LazyWeights`` computes fresh weights from them), so no view
-of a block outlives them. The pool keeps at most ``LIMIT`` bytes of free blocks, the oldest
-making room for newer ones; ``release()`` hands them all back to the allocator.
+tensors never leave attnscope (``LazyWeights`` computes fresh weights from them), and a view
+of one (a mask reshaped for the recompute) is only used while the tensor itself is held, so
+no view of a block outlives its token. The pool keeps at most ``LIMIT`` bytes of free
+blocks, the oldest making room for newer ones; ``release()`` hands them all back to the
+allocator.
 """
 
 from __future__ import annotations
@@ -80,20 +82,42 @@ def empty(*layouts: tuple[tuple[int, ...], torch.dtype]) -> tuple[Tensor, ...]:
 
 
 def copies(*tensors: Tensor) -> tuple[Tensor, ...]:
-    """Detached contiguous copies of ``tensors``: on the CPU cut from one pooled block (see
-    ``empty``), elsewhere plain clones.
+    """Detached copies of ``tensors``, each in its original's memory layout (the order of its
+    strides; a broadcast dimension stays a broadcast of one copy): on the CPU cut from one
+    pooled block (see ``empty``), elsewhere plain clones.
 
     >>> x = torch.arange(6.0).view(2, 3)
-    >>> (copy,) = copies(x.t())
-    >>> torch.equal(copy, x.t()), copy.is_contiguous(), copy.data_ptr() != x.data_ptr()
-    (True, True, True)
+    >>> copy, row = copies(x.t(), x[0].expand(4, 3))
+    >>> torch.equal(copy, x.t()), copy.stride(), row.stride(), copy.data_ptr() != x.data_ptr()
+    (True, (1, 3), (0, 1), True)
     """
+    if not tensors:
+        return ()
     if any(t.device.type != "cpu" for t in tensors):
-        return tuple(t.detach().clone(memory_format=torch.contiguous_format) for t in tensors)
-    pieces = empty(*[(tuple(t.shape), t.dtype) for t in tensors])
-    for piece, tensor in zip(pieces, tensors, strict=True):
-        piece.copy_(tensor.detach())
-    return pieces
+        return tuple(t.detach().clone() for t in tensors)
+    layouts = [_dense_layout(t) for t in tensors]
+    pieces = empty(*[(tuple(dense.shape), dense.dtype) for dense, _ in layouts])
+    owned = []
+    for piece, tensor, (dense, order) in zip(pieces, tensors, layouts, strict=True):
+        piece.copy_(dense.detach())
+        view = piece.permute([order.index(dim) for dim in range(len(order))]).expand(tensor.shape)
+        # the view, not the piece, is what the caller keeps: it carries the block's token
+        view._attnscope_pool_token = piece._attnscope_pool_token  # type: ignore[attr-defined]
+        owned.append(view)
+    return tuple(owned)
+
+
+def _dense_layout(t: Tensor) -> tuple[Tensor, list[int]]:
+    """``t`` without its broadcast (stride 0) dimensions, permuted so that its strides fall
+    (contiguous when ``t`` is dense in some order), and that permutation."""
+    index = tuple(
+        slice(0, 1) if stride == 0 and size > 1 else slice(None)
+        for size, stride in zip(t.shape, t.stride(), strict=True)
+    )
+    base = t[index]
+    strides = base.stride()
+    order = sorted(range(base.dim()), key=lambda dim: -strides[dim])
+    return base.permute(order), order
 
 
 class _Token:

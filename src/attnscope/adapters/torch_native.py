@@ -64,6 +64,8 @@ class Request:
         self.queries = queries
         self.weights: Tensor | None = None
         self.qk: tuple[Tensor, Tensor] | None = None
+        # the native kernel ran for this call, answering or not (it ignores the is_causal hint)
+        self.native = False
 
     @property
     def answered(self) -> bool:
@@ -103,12 +105,17 @@ def _requests() -> list[Request]:
     return requests
 
 
-def _pending_for(qkv_weight: Any, device: torch.device) -> Request | None:
+def _pending_for(qkv_weight: Any, device: torch.device, replaceable: bool) -> Request | None:
+    """The innermost request, when it is for the module whose ``qkv_weight`` the kernel was
+    given (marked ``native``), not answered yet, and this wrapper may answer it."""
     requests = getattr(_local, "requests", None)
-    if not requests or device.type != "cpu":
+    if not requests:
         return None
     request: Request = requests[-1]
-    if request.answered or request.qkv_weight is not qkv_weight:
+    if request.qkv_weight is not qkv_weight:
+        return None
+    request.native = True
+    if request.answered or device.type != "cpu" or not replaceable:
         return None
     return request
 
@@ -181,7 +188,7 @@ def _native_mha_with_weights(
     # only PyTorch's own kernel is asked for weights; another function installed before the
     # capture gets exactly the call it would have got
     replaceable = not need_weights and _originals.get("mha") is _KERNELS["mha"]
-    request = _pending_for(qkv_weight, query.device) if replaceable else None
+    request = _pending_for(qkv_weight, query.device, replaceable)
     if request is None or (request.queries and not _keeps_queries(query, key, value, embed_dim)):
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
     if request.queries:
@@ -197,8 +204,8 @@ def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
     # before the capture (a profiler, a custom kernel) is called, never bypassed
     ours_to_replace = _originals.get("layer") is _KERNELS["layer"]
     request = (
-        _pending_for(args[3], src.device)
-        if ours_to_replace and len(args) == 20 and not kwargs and isinstance(src, Tensor)
+        _pending_for(args[3], src.device, ours_to_replace)
+        if len(args) == 20 and not kwargs and isinstance(src, Tensor)
         else None
     )
     if request is None or src is None or _is_empty(src):

@@ -123,7 +123,8 @@ class _Projection:
 
 def _owned(tensors: list[Tensor | None]) -> list[Tensor | None]:
     """Copies of ``tensors`` for a lazy capture, cut from one block of ``pool``, each in the
-    memory layout it had (a batch-first input seen as (L, B, E) stays batch-first underneath).
+    memory layout it had (a batch-first input seen as (L, B, E) stays batch-first underneath,
+    and a broadcast mask stays a broadcast of its one copy).
 
     A lazy capture computes from them much later: the caller may change its input or the
     model's parameters (an optimizer step) in place meanwhile. Copies in warm pooled memory
@@ -131,25 +132,8 @@ def _owned(tensors: list[Tensor | None]) -> list[Tensor | None]:
     made the allocator map fresh pages every layer (about 300k page faults per forward on a
     BERT-base-shaped encoder at batch 8 and 512 tokens, none without the capture).
     """
-    present = [t for t in tensors if t is not None]
-    if not present:
-        return tensors
-    flipped = [
-        t.dim() == 3 and not t.is_contiguous() and t.transpose(0, 1).is_contiguous()
-        for t in present
-    ]
-    copies = iter(
-        pool.copies(*(t.transpose(0, 1) if f else t for t, f in zip(present, flipped, strict=True)))
-    )
-    flips = iter(flipped)
-    owned: list[Tensor | None] = []
-    for t in tensors:
-        if t is None:
-            owned.append(None)
-            continue
-        copy = next(copies)
-        owned.append(copy.transpose(0, 1) if next(flips) else copy)
-    return owned
+    copies = iter(pool.copies(*(t for t in tensors if t is not None)))
+    return [None if t is None else next(copies) for t in tensors]
 
 
 def mha_call(
@@ -164,6 +148,7 @@ def mha_call(
     keep: bool = False,
     kernel_weights: Tensor | None = None,
     kernel_queries: tuple[Tensor, Tensor] | None = None,
+    native_kernel: bool = False,
 ) -> AttentionCall:
     """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
 
@@ -172,7 +157,9 @@ def mha_call(
     (see ``torch_native``): they are used, brought to the conventions here (padded query rows
     and fully masked rows zero), instead of a recompute. ``kernel_queries`` are the scaled
     queries and keys it computed, (batch, heads, L, head_dim): the weights are computed from
-    them on demand, and nothing else of the module is held.
+    them on demand, and nothing else of the module is held. ``native_kernel`` says the call
+    ran on MHA's fast path (which applies ``attn_mask`` as given, under an ``is_causal`` hint
+    too) though the kernel handed nothing over.
 
     >>> mha = nn.MultiheadAttention(8, 2, batch_first=True)
     >>> x = torch.randn(3, 5, 8)
@@ -200,11 +187,11 @@ def mha_call(
     # PyTorch's fast path, which ignores the hint and attends to every key. Report that.
     hinted = is_causal and attn_mask is not None
     # with the hint, no padding and no weights asked, the slow path lets sdpa mask causally
-    use_causal = hinted and key_padding_mask is None and not need_weights
+    use_causal = hinted and key_padding_mask is None and not need_weights and not native_kernel
     if use_causal:
         kind = "causal"
     elif self_attention:
-        kind = "causal" if hinted or is_causal_mask(attn_mask) else "self"
+        kind = "causal" if (hinted and not native_kernel) or is_causal_mask(attn_mask) else "self"
     else:
         kind = "cross"
     shape = (batch, mha.num_heads, query_len, key_len)
@@ -470,6 +457,7 @@ class _Session:
             keep=self.recorder.keep,
             kernel_weights=kernel.weights if given is None else given,
             kernel_queries=kernel.qk,
+            native_kernel=kernel.native,
         )
         self.recorder.record(self.names[id(module)], call)
         return output
