@@ -9,12 +9,12 @@ Variants per case: the plain forward; attnscope full, lazy and selected (last la
 for PyTorch models the seed-compatible layers and the seed's way (fast path off,
 need_weights=True); for HF models eager + output_attentions; TransformerLens run_with_cache
 (attention patterns only) next to its own plain forward.
-Timings: interleaved rounds in one process (at least --repeats, more for fast cases, up to
---budget seconds per case); the JSON has each variant's median and minimum and their ratios
-to the baseline's (the minimum is the figure least disturbed by other load on the machine),
-and the paired ratio: the median of the per-round ratios to the baseline; release_ms is
-the median time to drop what a call returned, outside the timed call (a full capture's
-maps are handed back to the system then).
+Timings: interleaved rounds in one process, each starting one variant later (at least
+--repeats, more for fast cases, up to --budget seconds per case). The JSON has each variant's
+median and minimum and their ratios to the baseline's (the minimum is the figure least
+disturbed by other load on the machine), the paired ratio (the median of the per-round ratios
+to the baseline), and release_ms: the median time to drop what a call returned, outside the
+timed call (a full capture's maps are handed back to the system then).
 Memory: peak RSS of a fresh process that builds the case and runs the variant twice
 (subprocess per variant).
 Writes benchmarks/results/perf.json.
@@ -182,9 +182,10 @@ def build_case(case: str) -> dict[str, Callable[[], object]]:
 def interleaved(
     variants: dict[str, Callable[[], object]], repeats: int, budget_s: float = 0.0
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Seconds per call of every variant, under no_grad, interleaved round by round after one
-    warm-up round; and seconds to drop what the call returned (a full capture's maps go back
-    to the system then, after the timed call, as they would when a user drops them).
+    """Seconds per call of every variant, under no_grad, interleaved round by round (the
+    order rotating) after one warm-up round; and seconds to drop what the call returned (a full
+    capture's maps go back to the system then, after the timed call, as they would when a user
+    drops them).
 
     At least ``repeats`` rounds, more for fast cases until ``budget_s`` is spent: this machine's
     neighbours make single timings swing by 10% and more, so short cases get many rounds.
@@ -197,8 +198,12 @@ def interleaved(
             fn()
         per_round = time.perf_counter() - start
         rounds = max(repeats, min(60, int(budget_s / max(per_round, 1e-3))))
-        for _ in range(rounds):
-            for name, fn in variants.items():
+        order = list(variants.items())
+        for round_ in range(rounds):
+            # each round starts one variant later: none always runs after the same one (after
+            # a full capture has handed a gigabyte back, say), nor always first
+            shift = round_ % len(order)
+            for name, fn in order[shift:] + order[:shift]:
                 synchronize()
                 start = time.perf_counter()
                 result = fn()
