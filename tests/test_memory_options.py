@@ -13,7 +13,7 @@ from torch import nn
 
 import attnscope
 from attnscope import AttnScopeError
-from models import encoder, padding, sequence, transformer
+from models import MODES, encoder, mode, padding, sequence, transformer
 
 
 def full_and(model: nn.Module, run, **options):
@@ -139,6 +139,28 @@ def test_lazy_keeps_a_broadcast_mask_as_one_copy() -> None:
     assert float(lazy[""][:, :, was_hidden].abs().max()) == 0.0
     # input, q and k projections with their biases, and the mask once: not batch x heads x L²
     assert lazy.nbytes == x.nbytes + (2 * 8 * 8 + 2 * 8) * 4 + length * length
+
+
+@pytest.mark.parametrize("run_mode", MODES)
+def test_lazy_equals_eager_in_every_mode_and_reuses_its_memory_across_them(run_mode: str) -> None:
+    model = encoder(layers=2)
+    # batch x length 2 x 5 keeps the kernel's q and k on the fused path, 4 x 40 the input
+    inputs = [sequence(2, 5), sequence(4, 40, seed=2)]
+    for x in inputs:
+        with mode(model, run_mode), attnscope.capture(model) as eager:
+            model(x)
+        with mode(model, run_mode), attnscope.capture(model, lazy=True) as lazy:
+            model(x)
+        for name in eager.names:
+            torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+        del lazy  # its memory goes back to the pool, to be written by the next capture
+        gc.collect()
+        with torch.no_grad(), attnscope.capture(model.eval(), lazy=True) as again:
+            model(x)
+        with torch.no_grad(), attnscope.capture(model) as reference:
+            model(x)
+        for name in reference.names:
+            torch.testing.assert_close(again[name], reference[name], atol=1e-6, rtol=0)
 
 
 class _Attention(nn.Module):

@@ -8,7 +8,8 @@ read, exactly as an eager capture computes them. The PyTorch adapters keep copie
 ``attnscope.pool``), so a later optimizer step or a reused input buffer changes nothing. A
 tensor held as the model gave it (the q and k reaching ``scaled_dot_product_attention``) that
 is later changed in place (a static KV cache, say) would give other weights, so each held
-tensor keeps its version counter and a change raises instead.
+tensor keeps its version counter and a change raises instead (an inference tensor has none: it
+can only be changed inside ``torch.inference_mode``).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ class LazyWeights:
         self._rows = rows
         self._device = device
         self._dtype = dtype
-        self._versions = [t._version for t in call.held]
+        self._versions = [_version(t) for t in call.held]
         batch, heads_total, queries, keys = call.shape
         self.shape = torch.Size(
             (
@@ -56,7 +57,7 @@ class LazyWeights:
     def materialize(self) -> Tensor:
         """Compute the weights now (nothing is cached: reading twice computes twice)."""
         for tensor, version in zip(self._call.held, self._versions, strict=True):
-            if tensor._version != version:
+            if _version(tensor) != version:
                 raise AttnScopeError(
                     f"{self.name}: a tensor this lazy capture holds was changed in place after "
                     "the forward (e.g. a static KV cache), so its weights can no longer be "
@@ -77,6 +78,12 @@ class LazyWeights:
             size = _span_bytes(t)
             sizes[(t.data_ptr(), size)] = size
         return sizes
+
+
+def _version(t: Tensor) -> int | None:
+    """``t``'s version counter; None for an inference tensor, which has none (and can only be
+    changed inside ``torch.inference_mode``)."""
+    return None if t.is_inference() else t._version
 
 
 def _span_bytes(t: Tensor) -> int:

@@ -162,7 +162,10 @@ def _take(size: int) -> Tensor:
             _order.remove(best)
             _free_total -= best
             return block
-    return torch.empty(max(size, 1), dtype=torch.uint8, device="cpu")
+    # a normal tensor even under inference_mode: a block made there would be an inference
+    # tensor, which no capture outside inference_mode could write into when it is reused
+    with torch.inference_mode(False):
+        return torch.empty(max(size, 1), dtype=torch.uint8, device="cpu")
 
 
 def free_bytes() -> int:
