@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from pathlib import Path
@@ -161,6 +162,88 @@ def test_lazy_equals_eager_in_every_mode_and_reuses_its_memory_across_them(run_m
             model(x)
         for name in reference.names:
             torch.testing.assert_close(again[name], reference[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_lazy_holds_a_mask_every_layer_shares_once(fused: bool) -> None:
+    torch.manual_seed(0)
+    batch, length, width, heads, layers = 2, 128, 32, 4, 6
+    layer = nn.TransformerEncoderLayer(width, heads, 64, batch_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+    x = torch.randn(batch, length, width)
+    mask = torch.rand(batch * heads, length, length) < 0.5  # True hides the key
+    mask[:, range(length), range(length)] = False
+    context = torch.no_grad if fused else contextlib.nullcontext  # grad on: the slow path
+    with context(), attnscope.capture(model) as eager:
+        model(x, mask=mask)
+    with context(), attnscope.capture(model, lazy=True) as lazy:
+        model(x, mask=mask)
+    for name in eager.names:
+        torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+    # per layer its input and its q/k projection (above 2(D+1) rows), and the mask once: as
+    # the fused kernel reads it (bool), or as the encoder hands it to every layer (float)
+    per_layer = batch * length * width * 4 + (2 * width * width + 2 * width) * 4
+    mask_bytes = mask.numel() * (1 if fused else 4)
+    assert lazy.nbytes == layers * per_layer + mask_bytes
+
+
+class _PackedAttention(nn.Module):
+    """q, k and v cut from one projection, as GPT-2 does."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(width, 3 * width)
+        self.heads = heads
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        packed = self.qkv(x).view(batch, length, 3, self.heads, width // self.heads)
+        q, k, v = packed.permute(2, 0, 3, 1, 4).unbind(0)
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def test_lazy_nbytes_counts_views_of_one_buffer_once() -> None:
+    torch.manual_seed(0)
+    attention = _PackedAttention(32, 4).eval()
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad(), attnscope.capture(attention, lazy=True) as lazy:
+        attention(x)
+    packed_bytes = 2 * 16 * 3 * 32 * 4  # q and k interleave with v in it
+    assert 2 * 16 * 2 * 32 * 4 <= lazy.nbytes <= packed_bytes
+
+
+class _CachedAttention(nn.Module):
+    """Keys written in place into a cache allocated at the first call (a static KV cache)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.q, self.k = nn.Linear(width, width), nn.Linear(width, width)
+        self.heads = heads
+        self.cache: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        shape = (batch, length, self.heads, width // self.heads)
+        if self.cache is None:
+            self.cache = torch.zeros(shape).transpose(1, 2)
+        q = self.q(x).view(shape).transpose(1, 2)
+        self.cache.copy_(self.k(x).view(shape).transpose(1, 2))
+        return F.scaled_dot_product_attention(q, self.cache, self.cache)
+
+
+def test_lazy_under_inference_mode_is_not_fooled_by_a_cache_written_in_place() -> None:
+    torch.manual_seed(0)
+    attention = _CachedAttention(8, 2).eval()
+    first, second = torch.randn(2, 1, 5, 8)
+    with torch.inference_mode(), attnscope.capture(attention) as eager:
+        attention(first)
+        attention(second)
+    attention.cache = None
+    with torch.inference_mode(), attnscope.capture(attention, lazy=True) as lazy:
+        attention(first)
+        attention(second)  # overwrites the keys the first call attended to
+    for got, expected in zip(lazy.calls(""), eager.calls(""), strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
 
 
 class _Attention(nn.Module):

@@ -67,17 +67,40 @@ class LazyWeights:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of the held tensors (a tensor held twice counted once)."""
-        return sum(self.held_bytes().values())
+        """Bytes of the held tensors (memory two of them share counted once)."""
+        return union_bytes(self.held_ranges())
 
-    def held_bytes(self) -> dict[tuple[int, int], int]:
-        """The bytes of each held tensor, by (address, bytes): a tensor several calls hold,
-        such as a mask, has the same key in each."""
-        sizes = {}
+    def held_ranges(self) -> set[tuple[int, int, int]]:
+        """The byte ranges the held tensors reach, as (storage address, start, end): views of
+        one buffer (q and k cut from a packed projection, a mask several calls hold) overlap
+        there, and ``union_bytes`` counts their memory once."""
+        ranges = set()
         for t in self._call.held:
-            size = _span_bytes(t)
-            sizes[(t.data_ptr(), size)] = size
-        return sizes
+            if t.numel() == 0:
+                continue
+            storage = t.untyped_storage().data_ptr()
+            start = t.data_ptr() - storage
+            ranges.add((storage, start, start + _span_bytes(t)))
+        return ranges
+
+
+def union_bytes(ranges: set[tuple[int, int, int]]) -> int:
+    """Bytes covered by (storage, start, end) ranges, overlaps counted once.
+
+    >>> union_bytes({(0, 0, 10), (0, 5, 20), (1, 0, 4)})
+    24
+    """
+    total = 0
+    last: tuple[int, int] | None = None  # (storage, end) of the run being counted
+    for storage, start, end in sorted(ranges):
+        if last is not None and last[0] == storage and start < last[1]:
+            if end > last[1]:
+                total += end - last[1]
+                last = (storage, end)
+            continue
+        total += end - start
+        last = (storage, end)
+    return total
 
 
 def _version(t: Tensor) -> int | None:
@@ -89,8 +112,6 @@ def _version(t: Tensor) -> int | None:
 def _span_bytes(t: Tensor) -> int:
     """The bytes a view reaches in its storage: a broadcast (stride 0) mask counts once, and a
     piece of a larger block (``attnscope.pool``) only itself."""
-    if t.numel() == 0:
-        return 0
     reach = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
     return (reach + 1) * t.element_size()
 

@@ -20,7 +20,7 @@ from torch import Tensor
 from ._version import __version__
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names
-from .lazy import LazyWeights
+from .lazy import LazyWeights, union_bytes
 from .serialization import read_safetensors, write_safetensors
 from .spill import read_spill
 
@@ -238,15 +238,15 @@ class AttentionMaps:
     def nbytes(self) -> int:
         """Bytes held: the weights, or for a lazy capture the tensors kept to compute them
         (a tensor several calls keep, such as a mask, counted once)."""
-        held: dict[tuple[int, int], int] = {}
+        held: set[tuple[int, int, int]] = set()
         total = 0
         for ws in self._calls.values():
             for w in ws:
                 if isinstance(w, LazyWeights):
-                    held.update(w.held_bytes())
+                    held.update(w.held_ranges())
                 else:
                     total += w.numel() * w.element_size()
-        return total + sum(held.values())
+        return total + union_bytes(held)
 
     # -- token labels -----------------------------------------------------------------------
 

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
+from .. import pool
 from ..errors import AttnScopeError
 from ..patching import Proceed, observe
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
@@ -121,6 +122,18 @@ class _SdpaArgs:
     ) -> None:
         self.query, self.key, self.attn_mask = query, key, attn_mask
         self.is_causal, self.scale, self.enable_gqa = bool(is_causal), scale, bool(enable_gqa)
+
+    def own_inference_tensors(self) -> None:
+        """For a lazy capture: copy the query, key and mask when they are inference tensors,
+        which keep no version counter, so a later in-place write (a static KV cache under
+        ``inference_mode``) could not be caught; other tensors are held as given, guarded by
+        theirs (``LazyWeights``)."""
+        tensors = [self.query, self.key] + ([] if self.attn_mask is None else [self.attn_mask])
+        if not any(t.is_inference() for t in tensors):
+            return
+        copies = pool.copies(*tensors)
+        self.query, self.key = copies[:2]
+        self.attn_mask = copies[2] if len(copies) == 3 else None
 
 
 # -- the function patch, shared by every active capture --------------------------------------
@@ -250,6 +263,8 @@ class _SdpaSession:
             return
         frame = next((f for f in reversed(self.running) if f.module is module), None)
         call = _SdpaArgs(*args, **kwargs)
+        if self.recorder.keep:
+            call.own_inference_tensors()
         known = self.kinds.get(id(module))
         attention = sdpa_call(call, module, cross=frame is not None and frame.cross, kind=known)
         self.kinds[id(module)] = attention.kind

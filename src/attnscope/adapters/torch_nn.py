@@ -136,6 +136,35 @@ def _owned(tensors: list[Tensor | None]) -> list[Tensor | None]:
     return [None if t is None else next(copies) for t in tensors]
 
 
+# a lazy capture's mask copies, by (id, as bool) of the mask copied: (mask, its version, copy)
+MaskCopies = dict[tuple[int, bool], tuple[Tensor, int, Tensor]]
+
+
+def _owned_mask(
+    mask: Tensor | None, copies: MaskCopies | None, as_bool: bool = False
+) -> Tensor | None:
+    """A lazy capture's copy of ``mask`` (read as the fused kernel reads it, with ``as_bool``):
+    one per mask and capture where ``copies`` is given, since ``nn.TransformerEncoder`` hands
+    every layer the same mask; a copy already made is returned as it is. An inference tensor
+    gets a copy per call: without a version counter, a change in place cannot be told apart.
+    """
+    if mask is None or hasattr(mask, "_attnscope_pool_token"):
+        return mask
+    shared = copies is not None and not mask.is_inference()
+    if shared:
+        assert copies is not None
+        hit = copies.get((id(mask), as_bool))
+        if hit is not None and hit[0] is mask and hit[1] == mask._version:
+            return hit[2]
+    source = _as_fused_bool(mask) if as_bool else mask
+    assert source is not None
+    (copy,) = pool.copies(source)
+    if shared:
+        assert copies is not None
+        copies[(id(mask), as_bool)] = (mask, mask._version, copy)
+    return copy
+
+
 def mha_call(
     mha: nn.MultiheadAttention,
     query: Tensor,
@@ -149,10 +178,12 @@ def mha_call(
     kernel_weights: Tensor | None = None,
     kernel_queries: tuple[Tensor, Tensor] | None = None,
     native_kernel: bool = False,
+    mask_copies: MaskCopies | None = None,
 ) -> AttentionCall:
     """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
 
-    ``keep`` copies the projection weights, for a computation that may run much later.
+    ``keep`` copies what the weights are computed from, for a computation that may run much
+    later (masks once per capture through ``mask_copies``).
     ``kernel_weights`` are the per-head weights the native kernel computed for this very call
     (see ``torch_native``): they are used, brought to the conventions here (padded query rows
     and fully masked rows zero), instead of a recompute. ``kernel_queries`` are the scaled
@@ -200,19 +231,21 @@ def mha_call(
         if weights is not None:
             return AttentionCall.of_weights(kind, weights)
     if kernel_queries is not None:  # the kernel used the mask as given, hint or not
-        call = _queries_call(kind, shape, kernel_queries, key_padding_mask, attn_mask)
+        call = _queries_call(kind, shape, kernel_queries, key_padding_mask, attn_mask, mask_copies)
         if call is not None:
             return call
     projection = _Projection.of(mha)
     mask = None if use_causal else attn_mask
     if keep:
-        kept = [query_lbe, None if self_attention else key_lbe, key_padding_mask, mask]
+        kept = [query_lbe, None if self_attention else key_lbe]
         owned = _owned(kept + list(projection.tensors()))
-        own_query, own_key, key_padding_mask, mask = owned[:4]
+        own_query, own_key = owned[:2]
         assert own_query is not None
         query_lbe = own_query
         key_lbe = own_query if own_key is None else own_key
-        projection = projection.with_tensors(owned[4:])
+        projection = projection.with_tensors(owned[2:])
+        key_padding_mask = _owned_mask(key_padding_mask, mask_copies)
+        mask = _owned_mask(mask, mask_copies)
 
     def compute(rows: Tensor | None = None) -> Tensor:
         with torch.no_grad():
@@ -241,6 +274,7 @@ def _queries_call(
     queries: tuple[Tensor, Tensor],
     key_padding_mask: Tensor | None,
     attn_mask: Tensor | None,
+    mask_copies: MaskCopies | None = None,
 ) -> AttentionCall | None:
     """A self-attention call from the native kernel's scaled queries and keys (``torch_native``),
     or None when they are not of the expected shape (the caller recomputes)."""
@@ -248,7 +282,8 @@ def _queries_call(
     batch, heads, length, keys = shape
     if q.shape[:3] != (batch, heads, length) or k.shape[:3] != (batch, heads, keys):
         return None
-    key_padding_mask, attn_mask = _owned([key_padding_mask, attn_mask])
+    key_padding_mask = _owned_mask(key_padding_mask, mask_copies)
+    attn_mask = _owned_mask(attn_mask, mask_copies)
 
     # the kernel reads both masks as boolean (nonzero hides the key) and never reads a hidden
     # key's score: mirror its masked softmax
@@ -426,6 +461,7 @@ class _Session:
         self.names = names
         self.mha_calls: dict[int, int] = {}
         self.encoders: list[_EncoderFrame] = []
+        self.mask_copies: MaskCopies = {}  # a lazy capture's, one per mask
 
     def _run(
         self, attention: nn.MultiheadAttention, proceed: Proceed
@@ -455,6 +491,7 @@ class _Session:
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
             keep=self.recorder.keep,
+            mask_copies=self.mask_copies if self.recorder.keep else None,
             kernel_weights=kernel.weights if given is None else given,
             kernel_queries=kernel.qk,
             native_kernel=kernel.native,
@@ -487,6 +524,7 @@ class _Session:
             bound["src_key_padding_mask"],
             outer,
             keep=self.recorder.keep,
+            mask_copies=self.mask_copies if self.recorder.keep else None,
             kernel_weights=kernel.weights,
             kernel_queries=kernel.qk,
         )
@@ -520,6 +558,7 @@ def encoder_layer_call(
     keep: bool = False,
     kernel_weights: Tensor | None = None,
     kernel_queries: tuple[Tensor, Tensor] | None = None,
+    mask_copies: MaskCopies | None = None,
 ) -> AttentionCall:
     """The self-attention of an encoder layer as its slow path would have computed it.
 
@@ -528,8 +567,12 @@ def encoder_layer_call(
     """
     # The fused kernel reads every mask as boolean: any nonzero entry hides that key (measured
     # on torch 2.13: a general float mask changes its output that way). Mirror what it ran.
-    src_mask = _as_fused_bool(src_mask)
-    src_key_padding_mask = _as_fused_bool(src_key_padding_mask)
+    if keep:  # converted and copied once per mask and capture
+        src_mask = _owned_mask(src_mask, mask_copies, as_bool=True)
+        src_key_padding_mask = _owned_mask(src_key_padding_mask, mask_copies, as_bool=True)
+    else:
+        src_mask = _as_fused_bool(src_mask)
+        src_key_padding_mask = _as_fused_bool(src_key_padding_mask)
     if src.is_nested:
         if outer is not None and outer.padding is not None:
             src = src.to_padded_tensor(0.0, outer.shape)
@@ -551,4 +594,5 @@ def encoder_layer_call(
         keep=keep,
         kernel_weights=kernel_weights,
         kernel_queries=kernel_queries,
+        mask_copies=mask_copies,
     )
