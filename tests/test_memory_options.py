@@ -187,6 +187,37 @@ def test_lazy_holds_a_mask_every_layer_shares_once(fused: bool) -> None:
     assert lazy.nbytes == layers * per_layer + mask_bytes
 
 
+@pytest.mark.parametrize("which", ["mha", "encoder"])
+def test_lazy_sees_a_mask_rewritten_between_calls_even_through_data(which: str) -> None:
+    """``.data`` writes move no version counter: a copy of the mask is only shared within one
+    encoder forward, never between calls."""
+    torch.manual_seed(0)
+    if which == "mha":
+        module: nn.Module = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    else:
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+        module = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    x = torch.randn(2, 5, 8)
+
+    def run() -> None:
+        mask = torch.zeros(5, 5)
+        for i in range(3):
+            if i:
+                mask.data[:, i] = float("-inf")
+            if which == "mha":
+                module(x, x, x, attn_mask=mask)
+            else:
+                module(x, mask=mask)
+
+    with torch.no_grad(), attnscope.capture(module) as eager:
+        run()
+    with torch.no_grad(), attnscope.capture(module, lazy=True) as lazy:
+        run()
+    for name in eager.names:
+        for got, expected in zip(lazy.calls(name), eager.calls(name), strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 class _PackedAttention(nn.Module):
     """q, k and v cut from one projection, as GPT-2 does."""
 

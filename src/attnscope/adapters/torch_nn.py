@@ -33,7 +33,7 @@ import inspect
 import math
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -144,8 +144,8 @@ def _owned_mask(
     mask: Tensor | None, copies: MaskCopies | None, as_bool: bool = False
 ) -> Tensor | None:
     """A lazy capture's copy of ``mask`` (read as the fused kernel reads it, with ``as_bool``):
-    one per mask and capture where ``copies`` is given, since ``nn.TransformerEncoder`` hands
-    every layer the same mask; a copy already made is returned as it is. An inference tensor
+    one per mask where ``copies`` is given (one ``nn.TransformerEncoder`` forward, which hands
+    every layer the same mask); a copy already made is returned as it is. An inference tensor
     gets a copy per call: without a version counter, a change in place cannot be told apart.
     """
     if mask is None or hasattr(mask, "_attnscope_pool_token"):
@@ -183,7 +183,7 @@ def mha_call(
     """Describe one ``mha(query, key, ...)`` call; ``.compute()`` gives (batch, heads, query, key).
 
     ``keep`` copies what the weights are computed from, for a computation that may run much
-    later (masks once per capture through ``mask_copies``).
+    later (a mask once per ``mask_copies``: one encoder forward).
     ``kernel_weights`` are the per-head weights the native kernel computed for this very call
     (see ``torch_native``): they are used, brought to the conventions here (padded query rows
     and fully masked rows zero), instead of a recompute. ``kernel_queries`` are the scaled
@@ -420,6 +420,8 @@ def returned_weights(
 class _EncoderFrame:
     shape: torch.Size
     padding: Tensor | None
+    # a lazy capture's mask copies for this forward: every layer gets the same mask
+    mask_copies: MaskCopies = field(default_factory=dict)
 
 
 class TorchNNAdapter:
@@ -461,7 +463,6 @@ class _Session:
         self.names = names
         self.mha_calls: dict[int, int] = {}
         self.encoders: list[_EncoderFrame] = []
-        self.mask_copies: MaskCopies = {}  # a lazy capture's, one per mask
 
     def _run(
         self, attention: nn.MultiheadAttention, proceed: Proceed
@@ -472,6 +473,12 @@ class _Session:
         with torch_native.requested(attention, queries=self.recorder.keep) as request:
             output = proceed()
         return output, request
+
+    def _mask_copies(self) -> MaskCopies | None:
+        """Where a lazy capture may share one copy of a mask: within one forward of the
+        innermost ``nn.TransformerEncoder`` (between calls, a mask may be rewritten through
+        ``.data``, which no version counter sees)."""
+        return self.encoders[-1].mask_copies if self.recorder.keep and self.encoders else None
 
     def observe_mha(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
@@ -491,7 +498,7 @@ class _Session:
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
             keep=self.recorder.keep,
-            mask_copies=self.mask_copies if self.recorder.keep else None,
+            mask_copies=self._mask_copies(),
             kernel_weights=kernel.weights if given is None else given,
             kernel_queries=kernel.qk,
             native_kernel=kernel.native,
@@ -524,7 +531,7 @@ class _Session:
             bound["src_key_padding_mask"],
             outer,
             keep=self.recorder.keep,
-            mask_copies=self.mask_copies if self.recorder.keep else None,
+            mask_copies=self._mask_copies(),
             kernel_weights=kernel.weights,
             kernel_queries=kernel.qk,
         )
