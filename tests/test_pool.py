@@ -21,7 +21,7 @@ def empty_pool() -> Iterator[None]:
 
 
 def test_a_block_comes_back_only_when_every_part_is_gone() -> None:
-    q, k = pool.parts(2, (4, 8), torch.float32)
+    q, k = pool.empty(*[((4, 8), torch.float32)] * 2)
     assert q.shape == k.shape == (4, 8) and q.dtype == torch.float32
     assert q.data_ptr() + q.nbytes == k.data_ptr()  # one block, cut in two
     address = q.data_ptr()
@@ -31,7 +31,7 @@ def test_a_block_comes_back_only_when_every_part_is_gone() -> None:
     del k
     gc.collect()
     assert pool.free_bytes() == 2 * 4 * 8 * 4
-    again, _ = pool.parts(2, (4, 8), torch.float32)
+    again, _ = pool.empty(*[((4, 8), torch.float32)] * 2)
     assert again.data_ptr() == address  # the same warm block
     assert pool.free_bytes() == 0
 
@@ -61,26 +61,26 @@ def test_copies_keep_layout_values_and_their_block() -> None:
 
 
 def test_blocks_in_use_are_never_handed_out_twice() -> None:
-    first = pool.parts(2, (16,), torch.float64)
-    second = pool.parts(2, (16,), torch.float64)
+    first = pool.empty(*[((16,), torch.float64)] * 2)
+    second = pool.empty(*[((16,), torch.float64)] * 2)
     starts = {t.data_ptr() for t in (*first, *second)}
     assert len(starts) == 4
 
 
 def test_a_much_larger_block_is_not_taken_for_a_small_request() -> None:
-    big = pool.parts(1, (1024,), torch.float32)
+    big = pool.empty(((1024,), torch.float32))
     del big
     gc.collect()
     assert pool.free_bytes() == 4096
-    small = pool.parts(1, (800,), torch.float32)  # a quarter more than that at most
+    small = pool.empty(((800,), torch.float32))  # a quarter more than that at most
     assert small[0].numel() == 800 and pool.free_bytes() == 4096
-    close = pool.parts(1, (1000,), torch.float32)
+    close = pool.empty(((1000,), torch.float32))
     assert close[0].numel() == 1000 and pool.free_bytes() == 0
 
 
 def test_the_pool_keeps_at_most_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool, "LIMIT", 100)
-    parts = [pool.parts(1, (20,), torch.float32) for _ in range(3)]  # 80 bytes each
+    parts = [pool.empty(((20,), torch.float32)) for _ in range(3)]  # 80 bytes each
     del parts
     gc.collect()
     assert pool.free_bytes() == 80
@@ -90,9 +90,9 @@ def test_the_pool_keeps_at_most_its_limit(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_the_oldest_free_blocks_make_room(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool, "LIMIT", 100)
-    old = pool.parts(1, (15,), torch.float32)  # 60 bytes
-    new = pool.parts(1, (10,), torch.float32)  # 40 bytes
-    young = pool.parts(1, (12,), torch.float32)  # 48 bytes
+    old = pool.empty(((15,), torch.float32))  # 60 bytes
+    new = pool.empty(((10,), torch.float32))  # 40 bytes
+    young = pool.empty(((12,), torch.float32))  # 48 bytes
     del old
     gc.collect()
     del new
@@ -105,7 +105,7 @@ def test_the_oldest_free_blocks_make_room(monkeypatch: pytest.MonkeyPatch) -> No
 
 def test_a_block_returned_while_the_pool_is_locked_does_not_deadlock() -> None:
     """The garbage collector may finalize a block on a thread inside the pool's lock."""
-    piece = pool.parts(1, (8,), torch.float32)
+    piece = pool.empty(((8,), torch.float32))
     with pool._lock:
         del piece
         gc.collect()  # the finalizer runs here, under the lock

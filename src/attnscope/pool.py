@@ -44,17 +44,6 @@ _free_total = 0
 _returned: SimpleQueue[Tensor] = SimpleQueue()
 
 
-def parts(count: int, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[Tensor, ...]:
-    """``count`` empty CPU tensors of ``shape`` and ``dtype``, cut from one pooled block that
-    returns to the pool when all of them are gone.
-
-    >>> q, k = parts(2, (3, 4), torch.float32)
-    >>> q.shape, k.dtype
-    (torch.Size([3, 4]), torch.float32)
-    """
-    return empty(*[(shape, dtype)] * count)
-
-
 def empty(*layouts: tuple[tuple[int, ...], torch.dtype]) -> tuple[Tensor, ...]:
     """Empty contiguous CPU tensors of the given (shape, dtype), cut from one pooled block
     that returns to the pool when all of them are gone (each starts ``ALIGN``-aligned).

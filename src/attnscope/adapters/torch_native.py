@@ -293,9 +293,7 @@ def _attention_keeping_queries(
     """``native_attention``, keeping a compact copy of its queries and keys (not the packed
     q/k/v buffer: that one goes back to the allocator, as it would have). CPU only."""
     output, q, k = native_attention(query, *args)
-    kept_q, kept_k = pool.parts(2, tuple(q.shape), q.dtype)  # warm pages, see ``pool``
-    kept_q.copy_(q)
-    kept_k.copy_(k)
+    kept_q, kept_k = pool.copies(q, k)  # warm pages, see ``pool``
     return output, (kept_q, kept_k)
 
 

@@ -150,18 +150,16 @@ def _owned_mask(
     """
     if mask is None or hasattr(mask, "_attnscope_pool_token"):
         return mask
-    shared = copies is not None and not mask.is_inference()
-    if shared:
-        assert copies is not None
-        hit = copies.get((id(mask), as_bool))
-        if hit is not None and hit[0] is mask and hit[1] == mask._version:
-            return hit[2]
+    shared = None if mask.is_inference() else copies
+    key = (id(mask), as_bool)
+    hit = None if shared is None else shared.get(key)
+    if hit is not None and hit[0] is mask and hit[1] == mask._version:
+        return hit[2]
     source = _as_fused_bool(mask) if as_bool else mask
     assert source is not None
     (copy,) = pool.copies(source)
-    if shared:
-        assert copies is not None
-        copies[(id(mask), as_bool)] = (mask, mask._version, copy)
+    if shared is not None:
+        shared[key] = (mask, mask._version, copy)
     return copy
 
 
