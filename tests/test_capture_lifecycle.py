@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import attnscope
-from attnscope import patching
+from attnscope import intercept
 from models import encoder, padding, sequence, transformer
 
 
@@ -18,7 +18,7 @@ def assert_pristine(model: nn.Module) -> None:
     for module in model.modules():
         assert "forward" not in module.__dict__
         assert not module._forward_hooks and not module._forward_pre_hooks
-    assert not any(patching.is_observed(m) for m in model.modules())
+    assert not any(intercept.is_observed(m) for m in model.modules())
     assert not nn.modules.module._global_forward_hooks
     assert not nn.modules.module._global_forward_pre_hooks
 

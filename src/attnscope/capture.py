@@ -13,16 +13,20 @@ beside it, under ``no_grad``, from the tensors the kernel saw, or, where a kerne
 weights anyway and asking for them changes no output bit (PyTorch's native CPU attention, an
 eager implementation returning them), take the kernel's own. Outputs are bit-identical.
 
-Lifetimes: everything an adapter changes is pushed on one ``ExitStack`` with its undo, and the
-stack is closed in ``finally``: normal exit, exception or KeyboardInterrupt, nothing remains.
-The ``AttentionMaps`` yielded holds tensors only, never the model.
+Lifetimes: everything an adapter changes is pushed on one ``ExitStack`` with its undo
+(registered before the change), and the stack is closed on every exit: normal, exception or
+KeyboardInterrupt. Install and restore run ``uninterruptible`` (a Ctrl-C arriving meanwhile is
+delivered right after), so nothing remains, whenever the interrupt comes. Only the calls of the
+thread that entered the capture are recorded (``attnscope.intercept``). The ``AttentionMaps``
+returned holds tensors only, never the model.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +35,8 @@ from .adapters import Adapter, default_adapters
 from .adapters.base import AttentionCall
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names, matcher
+from .intercept import uninterruptible
+from .refusals import check_capturable
 from .lazy import LazyWeights, finish
 from .maps import AttentionMaps
 from .spill import Spill
@@ -103,7 +109,42 @@ class _Recorder:
         self.maps._append(name, call.kind, weights, rows=self.rows)
 
 
-@contextmanager
+class Capture:
+    """The context of one capture: ``with attnscope.capture(model) as attn:``. Used once."""
+
+    def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
+        self._model = model
+        self._options = options
+        self._stack: ExitStack | None = None
+        self._used = False
+
+    def __enter__(self) -> AttentionMaps:
+        if self._used:
+            raise AttnScopeError(
+                "this capture was entered already: a capture records one `with` block; call "
+                "attnscope.capture(model) again for another"
+            )
+        self._used = True
+        found, recorder, keep = _prepare(self._model, **self._options)
+        stack = ExitStack()
+        try:
+            with uninterruptible():
+                self._stack = stack
+                for adapter, modules in found:
+                    adapter.install(self._model, modules, recorder, stack, keep)
+        except BaseException:
+            with uninterruptible():
+                stack.close()
+            raise
+        return recorder.maps
+
+    def __exit__(self, *exc_info: object) -> None:
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            with uninterruptible():
+                stack.close()
+
+
 def capture(
     model: nn.Module,
     *,
@@ -116,13 +157,13 @@ def capture(
     rows: Sequence[int] | None = None,
     lazy: bool = False,
     spill: str | os.PathLike[str] | None = None,
-) -> Iterator[AttentionMaps]:
+) -> Capture:
     """Record per-head attention weights of every attention module ``model`` calls.
 
     Works in any mode (train, eval, ``no_grad``, ``inference_mode``, autocast); the model's
     output is bit-identical to an uncaptured call, and PyTorch's fused encoder path stays on.
     Weights are (batch, heads, query, key), before dropout; rows of padded or fully masked
-    queries are zeros.
+    queries are zeros. Only calls on the thread that entered the capture are recorded.
 
     Memory: ``include``/``exclude``, ``heads`` and ``rows`` (query positions, negative from the
     end: ``rows=[0]`` for CLS, ``rows=[-1]`` for the last token) select at capture time, and
@@ -141,11 +182,40 @@ def capture(
     >>> tuple(attn["layers.0.self_attn"].shape), attn.kind("layers.0.self_attn")
     ((2, 4, 5, 5), 'self')
     """
+    options = {
+        "include": include,
+        "exclude": exclude,
+        "heads": heads,
+        "to": to,
+        "dtype": dtype,
+        "max_bytes": max_bytes,
+        "rows": rows,
+        "lazy": lazy,
+        "spill": spill,
+    }
+    return Capture(model, options)
+
+
+def _prepare(
+    model: nn.Module,
+    *,
+    include: NamesFilter | None,
+    exclude: NamesFilter | None,
+    heads: Sequence[int] | None,
+    to: str | torch.device,
+    dtype: torch.dtype | None,
+    max_bytes: int | None,
+    rows: Sequence[int] | None,
+    lazy: bool,
+    spill: str | os.PathLike[str] | None,
+) -> tuple[list[tuple[Adapter, dict[str, nn.Module]]], _Recorder, Callable[[str], bool]]:
+    """Check the options and the model; find the attention modules each adapter observes."""
     if not isinstance(model, nn.Module):
         raise AttnScopeError(
             f"capture() takes a torch.nn.Module, got {type(model).__name__}; pass the model "
             "itself: `with attnscope.capture(model) as attn: model(inputs)`"
         )
+    check_capturable(model)
     adapters = default_adapters()
     found: list[tuple[Adapter, dict[str, nn.Module]]] = []
     seen: set[int] = set()
@@ -180,11 +250,8 @@ def capture(
         bool(lazy),
         None if spill is None else Spill(spill),
     )
-    with ExitStack() as stack:
-        for adapter, modules in found:
-            chosen = {n: m for n, m in modules.items() if n in selected}
-            adapter.install(model, chosen, recorder, stack, keep)
-        yield recorder.maps
+    chosen = [(a, {n: m for n, m in modules.items() if n in selected}) for a, modules in found]
+    return chosen, recorder, keep
 
 
 def _check_indices(values: Sequence[int] | None, option: str, what: str) -> Sequence[int] | None:

@@ -32,7 +32,7 @@ import inspect
 import math
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
 
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .. import pool
 from ..errors import AttnScopeError
-from ..patching import Proceed, observe
+from ..intercept import Proceed, Replacement, observe
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from .base import AttentionCall, Recorder
 
@@ -55,7 +55,6 @@ _TORCH_NN_ATTENTION = (
     nn.Transformer,
 )
 _CROSS_KWARGS = ("key_value_states", "encoder_hidden_states")
-_MAX_FRAMES = 64
 
 
 def _says_attention(module: nn.Module) -> bool:
@@ -139,61 +138,50 @@ class _SdpaArgs:
 # -- the function patch, shared by every active capture --------------------------------------
 
 _sessions: list[_SdpaSession] = []
-_lock = threading.Lock()
-_KERNEL: Callable[..., Tensor] = F.scaled_dot_product_attention
-_original: Callable[..., Tensor] = _KERNEL  # what the wrapper replaced at activation
-_inside = threading.local()
 
 
 def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
-    if getattr(_inside, "active", False):
-        # re-entered: another wrapper on top of ours was restored out of order and now sits on
-        # both sides of it; go straight to the kernel instead of round and round
-        return _KERNEL(*args, **kwargs)
-    _inside.active = True
-    try:
-        output = _original(*args, **kwargs)
-    finally:
-        _inside.active = False
-    sessions = tuple(_sessions)
+    output = _SDPA.call_original(*args, **kwargs)
+    thread = threading.get_ident()
+    sessions = [session for session in tuple(_sessions) if session.thread == thread]
     if sessions:
-        callers = _calling_modules(sys._getframe(1))
+        callers = _CallingModules(sys._getframe(1))
         for session in sessions:
             session.on_sdpa(callers, args, kwargs)
     return output
 
 
-def _calling_modules(frame: Any) -> list[nn.Module]:
-    """Modules whose methods are on the stack, innermost first (frame ``self`` arguments)."""
-    found: list[nn.Module] = []
-    for _ in range(_MAX_FRAMES):
-        if frame is None:
-            break
-        code = frame.f_code
-        if code.co_argcount and code.co_varnames[0] == "self":
-            owner = frame.f_locals.get("self")
-            if isinstance(owner, nn.Module) and (not found or found[-1] is not owner):
-                found.append(owner)
-        frame = frame.f_back
-    return found
+_SDPA = Replacement(F, "scaled_dot_product_attention", _observed_sdpa)
 
 
-def _activate(session: _SdpaSession) -> Callable[[], None]:
-    global _original
-    with _lock:
-        if not _sessions and F.scaled_dot_product_attention is not _observed_sdpa:
-            _original = F.scaled_dot_product_attention
-            F.scaled_dot_product_attention = _observed_sdpa
-        _sessions.append(session)
+class _CallingModules:
+    """Modules whose methods are on the stack (frame ``self`` arguments), innermost first,
+    read lazily: a session stops at the first module of its model, however deep."""
 
-    def deactivate() -> None:
-        with _lock:
-            if session in _sessions:
-                _sessions.remove(session)
-            if not _sessions and F.scaled_dot_product_attention is _observed_sdpa:
-                F.scaled_dot_product_attention = _original
+    def __init__(self, frame: Any) -> None:
+        self._frame = frame
+        self._found: list[nn.Module] = []
 
-    return deactivate
+    def __iter__(self) -> Iterator[nn.Module]:
+        yield from self._found
+        while self._frame is not None:
+            frame, self._frame = self._frame, self._frame.f_back
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, nn.Module) and (not self._found or self._found[-1] is not owner):
+                    self._found.append(owner)
+                    yield owner
+
+
+def _hold(session: _SdpaSession, stack: ExitStack) -> None:
+    def leave() -> None:
+        if session in _sessions:
+            _sessions.remove(session)
+
+    stack.callback(leave)  # before the change it undoes
+    _sessions.append(session)
+    _SDPA.hold(stack)
 
 
 # -- the adapter ---------------------------------------------------------------------------
@@ -221,8 +209,8 @@ class SdpaAdapter:
     ) -> None:
         session = _SdpaSession(model, selected, recorder, keep)
         for module in selected.values():
-            stack.callback(observe(module, session.observe_attention_module).remove)
-        stack.callback(_activate(session))
+            observe(module, session.observe_attention_module, stack)
+        _hold(session, stack)
 
 
 class _Frame:
@@ -251,10 +239,8 @@ class _SdpaSession:
         self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
 
     def on_sdpa(
-        self, callers: list[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self, callers: Iterable[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        if threading.get_ident() != self.thread:
-            return
         module = next((m for m in callers if id(m) in self.names), None)
         if module is None or isinstance(module, nn.MultiheadAttention):
             return  # not this model's, or left to the torch.nn adapter

@@ -19,9 +19,11 @@ capture on those paths need not recompute anything: it asks the kernel for what 
   attention asked for its weights. Output: bit-identical to the fused call.
 
 Both are looked up on ``torch`` when ``nn``'s forwards run, so while a capture that wants
-weights is active they are thin wrappers. A wrapper acts only when the innermost request on
-its thread (``requested``, opened by the torch.nn adapter around an observed module's call)
-names the module whose very parameters it was given; anything else passes straight through.
+weights is active they are thin wrappers (``intercept.Replacement``). A wrapper acts only for
+the requests on its thread (``requested``, opened by the torch.nn adapter around an observed
+module's call) that name the module whose very parameters it was given; anything else passes
+straight through. Nested captures of one module each open a request, and the one computation
+answers them all, so they get identical weights.
 
 A lazy capture must not hold L² weights: it asks for the scaled queries and keys the kernel's
 softmax reads instead. For those the kernel runs as its own composition too (``attention.cpp``:
@@ -45,7 +47,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any, TypeVar
 
 import torch
@@ -53,6 +55,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .. import pool
+from ..intercept import Replacement, uninterruptible
 
 
 class Request:
@@ -73,51 +76,36 @@ class Request:
 
 
 _local = threading.local()
-_lock = threading.Lock()
-_active = 0
-# what each wrapper calls through to: the function it replaced at activation
-_originals: dict[str, Callable[..., Any]] = {}
-# PyTorch's own functions, for a wrapper that finds itself called again inside its own call
-_KERNELS: dict[str, Callable[..., Any]] = {
-    "mha": torch._native_multi_head_attention,
-    "layer": torch._transformer_encoder_layer_fwd,
-}
 
 
 def _call_through(which: str, *args: Any, **kwargs: Any) -> Any:
-    """Call the function this wrapper replaced. If another wrapper was put on top of ours and
-    restored out of order, ours can end up on both sides of it: a re-entered call then goes
-    straight to PyTorch's kernel instead of round and round."""
-    flag = "inside_" + which
-    if getattr(_local, flag, False):
-        return _KERNELS[which](*args, **kwargs)
-    setattr(_local, flag, True)
-    try:
-        return _originals.get(which, _KERNELS[which])(*args, **kwargs)
-    finally:
-        setattr(_local, flag, False)
+    """Call the function the wrapper replaced (PyTorch's, or whoever's was there before)."""
+    return _REPLACEMENTS[which].call_original(*args, **kwargs)
 
 
-def _requests() -> list[Request]:
+def _pending(qkv_weight: Any, device: torch.device, replaceable: bool) -> list[Request]:
+    """The requests on this thread for the module whose ``qkv_weight`` the kernel was given
+    (marked ``native``), not answered yet, when this wrapper may answer them. Nested captures
+    of one module each have one: they are all answered from the one computation."""
     requests: list[Request] | None = getattr(_local, "requests", None)
-    if requests is None:
-        requests = _local.requests = []
-    return requests
-
-
-def _pending_for(qkv_weight: Any, device: torch.device, replaceable: bool) -> Request | None:
-    """The innermost request, when it is for the module whose ``qkv_weight`` the kernel was
-    given (marked ``native``), not answered yet, and this wrapper may answer it."""
-    requests = getattr(_local, "requests", None)
     if not requests:
-        return None
-    request: Request = requests[-1]
-    if request.qkv_weight is not qkv_weight:
-        return None
-    request.native = True
-    if request.answered or device.type != "cpu" or not replaceable:
-        return None
-    return request
+        return []
+    mine = [request for request in requests if request.qkv_weight is qkv_weight]
+    for request in mine:
+        request.native = True
+    if device.type != "cpu" or not replaceable:
+        return []
+    return [request for request in mine if not request.answered]
+
+
+def _answer(requests: list[Request], kept: Any, queries: bool) -> None:
+    """Hand what the kernel computed to every waiting request: the first gets it, the others
+    copies of the weights (each capture owns its tensors) or the same read-only queries."""
+    for index, request in enumerate(requests):
+        if queries:
+            request.qk = kept
+        else:
+            request.weights = kept if index == 0 else kept.clone()
 
 
 @contextmanager
@@ -126,47 +114,30 @@ def requested(attention: nn.MultiheadAttention, queries: bool = False) -> Iterat
     its fused encoder layer) hands its weights to the request, or with ``queries`` its scaled
     queries and keys (where ``native_attention`` can stand in for it: not on nested input)."""
     request = Request(attention.in_proj_weight, queries)
-    requests = _requests()
-    requests.append(request)
+    requests: list[Request] | None = getattr(_local, "requests", None)
+    if requests is None:
+        requests = _local.requests = []
     try:
+        requests.append(request)
         yield request
     finally:
-        requests.pop()
+        if request in requests:
+            requests.remove(request)
+
+
+def hold(stack: ExitStack) -> None:
+    """Put the wrappers in front of PyTorch's kernels until ``stack`` closes (reference
+    counted; a function someone replaced meanwhile keeps their replacement)."""
+    for replacement in _REPLACEMENTS.values():
+        replacement.hold(stack)
 
 
 def activate() -> Callable[[], None]:
-    """Install the wrappers (once, however many captures); returns the undo.
-
-    The undo restores a function only if it is still this module's wrapper: whoever replaced
-    it meanwhile keeps their replacement, which still reaches the original through it.
-    """
-    global _active
-    with _lock:
-        if _active == 0 and torch._native_multi_head_attention is not _native_mha_with_weights:
-            _originals["mha"] = torch._native_multi_head_attention
-            torch._native_multi_head_attention = _native_mha_with_weights  # type: ignore[assignment]
-        if _active == 0 and torch._transformer_encoder_layer_fwd is not _encoder_layer_with_weights:
-            _originals["layer"] = torch._transformer_encoder_layer_fwd
-            torch._transformer_encoder_layer_fwd = _encoder_layer_with_weights
-        _active += 1
-    done = False
-
-    def deactivate() -> None:
-        global _active
-        nonlocal done
-        with _lock:
-            if done:
-                return
-            done = True
-            _active -= 1
-            if _active:
-                return
-            if torch._native_multi_head_attention is _native_mha_with_weights:
-                torch._native_multi_head_attention = _originals["mha"]
-            if torch._transformer_encoder_layer_fwd is _encoder_layer_with_weights:
-                torch._transformer_encoder_layer_fwd = _originals["layer"]
-
-    return deactivate
+    """``hold`` with its own stack: returns the undo."""
+    stack = ExitStack()
+    with uninterruptible():
+        hold(stack)
+    return stack.close
 
 
 def _native_mha_with_weights(
@@ -187,14 +158,16 @@ def _native_mha_with_weights(
     args = (query, key, value, embed_dim, num_head, qkv_weight, qkv_bias, proj_weight, proj_bias)
     # only PyTorch's own kernel is asked for weights; another function installed before the
     # capture gets exactly the call it would have got
-    replaceable = not need_weights and _originals.get("mha") is _KERNELS["mha"]
-    request = _pending_for(qkv_weight, query.device, replaceable)
-    if request is None or (request.queries and not _keeps_queries(query, key, value, embed_dim)):
+    replaceable = not need_weights and _REPLACEMENTS["mha"].replaces_kernel
+    requests = _pending(qkv_weight, query.device, replaceable)
+    queries = all(request.queries for request in requests)
+    if not requests or (queries and not _keeps_queries(query, key, value, embed_dim)):
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
-    if request.queries:
-        output, request.qk = _attention_keeping_queries(*args, mask, mask_type)
+    if queries:
+        output, kept = _attention_keeping_queries(*args, mask, mask_type)
     else:  # PyTorch's own kernel (checked above), asked for the weights it computes anyway
-        output, request.weights = _attention_with_weights(*args, mask, mask_type)
+        output, kept = _attention_with_weights(*args, mask, mask_type)
+    _answer(requests, kept, queries)
     return output, None
 
 
@@ -202,22 +175,29 @@ def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
     src = args[0] if args else None
     # the composition stands in for PyTorch's kernel only: a function someone else installed
     # before the capture (a profiler, a custom kernel) is called, never bypassed
-    ours_to_replace = _originals.get("layer") is _KERNELS["layer"]
-    request = (
-        _pending_for(args[3], src.device, ours_to_replace)
+    ours_to_replace = _REPLACEMENTS["layer"].replaces_kernel
+    requests = (
+        _pending(args[3], src.device, ours_to_replace)
         if len(args) == 20 and not kwargs and isinstance(src, Tensor)
-        else None
+        else []
     )
-    if request is None or src is None or _is_empty(src):
+    if not requests or src is None or _is_empty(src):
         return _call_through("layer", *args, **kwargs)
-    if request.queries:
+    queries = all(request.queries for request in requests)
+    if queries:
         if not _keeps_queries(src, src, src, args[1]):
             return _call_through("layer", *args, **kwargs)
-        output, request.qk = encoder_layer_forward(*args, attention=_attention_keeping_queries)
-        return output
-    output, request.weights = encoder_layer_forward(*args)
+        output, kept = encoder_layer_forward(*args, attention=_attention_keeping_queries)
+    else:
+        output, kept = encoder_layer_forward(*args)
+    _answer(requests, kept, queries)
     return output
 
+
+_REPLACEMENTS = {
+    "mha": Replacement(torch, "_native_multi_head_attention", _native_mha_with_weights),
+    "layer": Replacement(torch, "_transformer_encoder_layer_fwd", _encoder_layer_with_weights),
+}
 
 _Kept = TypeVar("_Kept")
 

@@ -2,7 +2,7 @@
 
 Design note
 -----------
-What is observed (see ``attnscope.patching``; no module hook is ever registered, so the fused
+What is observed (see ``attnscope.intercept``; no module hook is ever registered, so the fused
 encoder kernel stays in use):
 
 - every selected ``nn.MultiheadAttention``: after its own forward ran unchanged, the weights
@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from .. import pool
 from ..errors import AttnScopeError
-from ..patching import Proceed, observe
+from ..intercept import Proceed, observe
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from . import torch_native
 from .base import AttentionCall, Recorder
@@ -440,17 +440,17 @@ class TorchNNAdapter:
         keep: Callable[[str], bool] = lambda name: True,
     ) -> None:
         session = _Session(recorder, {id(m): n for n, m in selected.items()})
-        stack.callback(torch_native.activate())
+        torch_native.hold(stack)
         for module in selected.values():
-            stack.callback(observe(module, session.observe_mha).remove)
+            observe(module, session.observe_mha, stack)
         for module in model.modules():
             if (
                 isinstance(module, nn.TransformerEncoderLayer)
                 and id(module.self_attn) in session.names
             ):
-                stack.callback(observe(module, session.observe_encoder_layer).remove)
+                observe(module, session.observe_encoder_layer, stack)
             elif isinstance(module, nn.TransformerEncoder):
-                stack.callback(observe(module, session.observe_encoder).remove)
+                observe(module, session.observe_encoder, stack)
 
 
 class _Session:

@@ -1,0 +1,323 @@
+"""The one way attnscope changes anything: observing a module, replacing a function.
+
+Design note
+-----------
+Observing a module. ``nn.TransformerEncoderLayer`` gives up its fused kernel as soon as any
+forward hook or pre-hook sits on it or on one of its submodules, and global module hooks never
+see keyword arguments, where ``nn.Transformer*`` pass every mask. So a module is observed by
+giving it an instance attribute ``forward`` (looked up before the class's method by
+``Module.__call__``) that calls the module's own forward unchanged, wrapped in the observers'
+"around" functions. The fused-path checks read hook dictionaries, never ``forward``.
+
+Replacing a function. PyTorch's kernels (``F.scaled_dot_product_attention``,
+``torch._native_multi_head_attention``, ...) are looked up by attribute at call time, so while
+a capture wants them they are thin wrappers (``Replacement``), installed once however many
+captures hold them and restored when the last one lets go.
+
+Lifetimes, whatever the order and whatever the exit:
+
+- one wrapper per module or function, reference counted; the last holder restores what was
+  there before (a user's own instance ``forward`` included), so captures may end in any order;
+  a function is restored only if it is still ours: whoever replaced it meanwhile keeps theirs,
+  which still reaches the original through ours (``call_original`` is re-entrancy safe);
+- threads: an observer and a function's users belong to the thread that opened the capture;
+  calls on other threads run as if nothing were installed;
+- copies: ``copy.deepcopy`` (``AveragedModel``, EMA copies) and pickling (``torch.save``) of an
+  observed module give an unobserved model that runs its own weights;
+- interrupts: every undo is registered before the change it undoes, every undo is idempotent,
+  and ``uninterruptible`` holds back KeyboardInterrupt (any Python signal handler) while an
+  install or a restore runs, delivering it right after.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import signal
+import sys
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from typing import Any, Protocol
+
+from torch import nn
+
+Proceed = Callable[[], Any]
+
+# -- interrupts ------------------------------------------------------------------------------
+
+_deferring = threading.local()
+
+
+@contextmanager
+def uninterruptible() -> Iterator[None]:
+    """Hold back Python signal handlers (KeyboardInterrupt) while the body runs; deliver after.
+
+    Python runs signal handlers in the main thread between bytecodes, so an install or restore
+    interrupted half way would strand a change. Inside this block the handlers are stand-ins
+    that note the signal; on exit the real ones are put back and called for what arrived.
+    Elsewhere than the main thread no handler can run, and the block changes nothing.
+
+    >>> with uninterruptible():
+    ...     done = True
+    >>> done
+    True
+    """
+    if threading.current_thread() is not threading.main_thread() or getattr(
+        _deferring, "depth", 0
+    ):
+        yield
+        return
+    arrived: list[int] = []
+    saved: dict[int, Any] = {}
+    active = [True]
+
+    def hold(signum: int, frame: Any) -> None:
+        if active[0]:
+            arrived.append(signum)
+        else:  # left installed by an interrupted restore: behave as the real handler
+            _deliver(saved[signum], signum, frame)
+
+    _deferring.depth = 1
+    try:
+        for signum in signal.valid_signals():
+            handler = signal.getsignal(signum)
+            if callable(handler):
+                saved[signum] = signal.signal(signum, hold)
+        yield
+    finally:
+        active[0] = False
+        for signum, handler in saved.items():
+            if signal.getsignal(signum) is hold:
+                signal.signal(signum, handler)
+        _deferring.depth = 0
+        for signum in arrived:
+            _deliver(saved[signum], signum, sys._getframe())
+
+
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    if callable(handler):
+        handler(signum, frame)
+
+
+# -- observing modules -----------------------------------------------------------------------
+
+
+class Observer(Protocol):
+    """Called around a module's forward: must call ``proceed()`` once and return its result."""
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
+    ) -> Any: ...
+
+
+_MISSING = object()
+
+
+class ObservedForward:
+    """The instance ``forward`` of an observed module: its own forward, wrapped in observers.
+
+    It copies and pickles as the module's own forward (what ``forward`` was before any capture),
+    so a clone of an observed model is an ordinary model of its own.
+    """
+
+    def __init__(self, module: nn.Module) -> None:
+        self.previous = module.__dict__.get("forward", _MISSING)
+        self.original = module.forward
+        self.module = weakref.ref(module)
+        self.observers: list[tuple[int, Observer]] = []  # (thread, observer)
+        functools.update_wrapper(self, self.original)  # type: ignore[arg-type]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        target = self.module()
+        thread = threading.get_ident()
+        observers = tuple(o for t, o in self.observers if t == thread)
+        if target is None or not observers:
+            return self.original(*args, **kwargs)
+        return _call_chain(target, observers, self.original, args, kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        if self.previous is not _MISSING:
+            return copy.deepcopy(self.previous, memo)
+        module = self.module()
+        clone = memo.get(id(module)) if module is not None else None
+        if clone is None:  # copied on its own, not as part of its module
+            return self.original
+        return types.MethodType(type(clone).forward, clone)
+
+    def __reduce__(self) -> Any:
+        if self.previous is not _MISSING:
+            return (_identity, (self.previous,))
+        # unpickled while its module is rebuilt: the class's forward of the new module
+        return (getattr, (self.module(), "forward"))
+
+
+def _identity(value: Any) -> Any:
+    return value
+
+
+def _call_chain(
+    module: nn.Module,
+    observers: tuple[Observer, ...],
+    original: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> Any:
+    if not observers:
+        return original(*args, **kwargs)
+    first, rest = observers[0], observers[1:]
+    return first(module, args, kwargs, lambda: _call_chain(module, rest, original, args, kwargs))
+
+
+_observed: weakref.WeakKeyDictionary[nn.Module, ObservedForward] = weakref.WeakKeyDictionary()
+_observe_lock = threading.Lock()
+
+
+class ObserverHandle:
+    """One observer of one module, for the thread that made it. ``attach`` starts it;
+    ``remove`` (idempotent) ends it, and the last one removed restores the module's
+    ``forward``."""
+
+    def __init__(self, module: nn.Module, observer: Observer) -> None:
+        self._module = weakref.ref(module)
+        self._entry = (threading.get_ident(), observer)
+        self._removed = False
+
+    def attach(self) -> ObserverHandle:
+        module = self._module()
+        if module is None or self._removed:
+            return self
+        with _observe_lock:
+            wrapper = _observed.get(module)
+            if wrapper is None or module.__dict__.get("forward") is not wrapper:
+                wrapper = ObservedForward(module)
+                _observed[module] = wrapper
+                module.__dict__["forward"] = wrapper
+            wrapper.observers.append(self._entry)
+        return self
+
+    def remove(self) -> None:
+        module = self._module()
+        with _observe_lock:
+            wrapper = None if module is None else _observed.get(module)
+            if wrapper is not None and self._entry in wrapper.observers:
+                wrapper.observers.remove(self._entry)
+                if not wrapper.observers:
+                    assert module is not None
+                    if module.__dict__.get("forward") is wrapper:
+                        if wrapper.previous is _MISSING:
+                            module.__dict__.pop("forward", None)
+                        else:
+                            module.__dict__["forward"] = wrapper.previous
+                    del _observed[module]
+            self._removed = True
+
+
+def observe(module: nn.Module, observer: Observer, stack: ExitStack | None = None) -> ObserverHandle:
+    """Run ``observer`` around every call of ``module`` on this thread until the handle is
+    removed (with ``stack``: when it closes; the undo is registered before the change).
+
+    >>> import torch
+    >>> layer = torch.nn.Linear(2, 2)
+    >>> seen = []
+    >>> def note(module, args, kwargs, proceed):
+    ...     seen.append(args[0].shape)
+    ...     return proceed()
+    >>> handle = observe(layer, note)
+    >>> _ = layer(torch.zeros(3, 2))
+    >>> handle.remove()
+    >>> seen, "forward" in layer.__dict__
+    ([torch.Size([3, 2])], False)
+    """
+    handle = ObserverHandle(module, observer)
+    if stack is not None:
+        stack.callback(handle.remove)
+    return handle.attach()
+
+
+def is_observed(module: nn.Module) -> bool:
+    """Whether any capture currently observes ``module``."""
+    return module in _observed
+
+
+# -- replacing functions ---------------------------------------------------------------------
+
+
+class Replacement:
+    """``namespace.attribute`` replaced by a wrapper calling ``handler`` while anyone holds it
+    (``hold``).
+
+    ``original`` is what the wrapper replaced when it went in (PyTorch's function, or whatever
+    someone installed before); ``kernel`` is the function found at import. ``handler`` reaches
+    the original through ``call_original``; a wrapper called again inside that call goes
+    straight to ``kernel`` (another patch put on top of ours and restored out of order leaves
+    ours on both sides of it, which would otherwise go round and round).
+
+    >>> import math
+    >>> class Space:
+    ...     sqrt = staticmethod(math.sqrt)
+    >>> seen = []
+    >>> def spy(x):
+    ...     seen.append(x)
+    ...     return floor.call_original(x)
+    >>> floor = Replacement(Space, "sqrt", spy)
+    >>> with ExitStack() as stack:
+    ...     floor.hold(stack)
+    ...     Space.sqrt(4.0)
+    2.0
+    >>> seen, Space.sqrt is math.sqrt
+    ([4.0], True)
+    """
+
+    def __init__(self, namespace: Any, attribute: str, handler: Callable[..., Any]) -> None:
+        self.namespace, self.attribute = namespace, attribute
+        self.kernel: Callable[..., Any] = getattr(namespace, attribute)
+        self.original: Callable[..., Any] = self.kernel
+        self._holders = 0
+        self._lock = threading.Lock()
+        self._inside = threading.local()
+
+        @functools.wraps(self.kernel)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if getattr(self._inside, "active", False):  # called again inside our own call
+                return self.kernel(*args, **kwargs)
+            return handler(*args, **kwargs)
+
+        self.wrapper = wrapper
+
+    @property
+    def replaces_kernel(self) -> bool:
+        """Whether the wrapper stands in front of PyTorch's own function (nobody else's)."""
+        return self.original is self.kernel
+
+    def hold(self, stack: ExitStack) -> None:
+        """Install the wrapper (once, however many holders) until ``stack`` closes."""
+        held = [False]
+
+        def release() -> None:
+            with self._lock:
+                if not held[0]:
+                    return
+                if self._holders == 1 and getattr(self.namespace, self.attribute) is self.wrapper:
+                    setattr(self.namespace, self.attribute, self.original)
+                self._holders -= 1
+                held[0] = False
+
+        stack.callback(release)  # before the change it undoes
+        with self._lock:
+            if self._holders == 0 and getattr(self.namespace, self.attribute) is not self.wrapper:
+                self.original = getattr(self.namespace, self.attribute)
+                setattr(self.namespace, self.attribute, self.wrapper)
+            self._holders += 1
+            held[0] = True
+
+    def call_original(self, *args: Any, **kwargs: Any) -> Any:
+        if getattr(self._inside, "active", False):
+            return self.kernel(*args, **kwargs)
+        try:
+            self._inside.active = True
+            return self.original(*args, **kwargs)
+        finally:
+            self._inside.active = False
