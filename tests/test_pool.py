@@ -126,7 +126,7 @@ def test_lazy_captures_in_a_loop_reuse_blocks_and_stay_exact() -> None:
                 model(x)
             kept.append(lazy)  # alive: its blocks stay its own
             for name in eager.names:
-                torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+                torch.testing.assert_close(lazy[name], eager[name], atol=1e-5, rtol=0)
         assert pool.free_bytes() == 0
         held = kept[0].nbytes
         del lazy
@@ -139,4 +139,4 @@ def test_lazy_captures_in_a_loop_reuse_blocks_and_stay_exact() -> None:
         with attnscope.capture(model) as eager:
             model(inputs[0])
     for name in eager.names:
-        torch.testing.assert_close(lazy[name], eager[name], atol=1e-6, rtol=0)
+        torch.testing.assert_close(lazy[name], eager[name], atol=1e-5, rtol=0)
