@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import attnscope
-from attnscope import AttentionMaps
+from attnscope import AttentionMaps, AttnScopeError
+from attnscope.view import AttentionPage, safe_json
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -171,3 +172,103 @@ def test_demo_sized_real_capture_page(browser: object, tmp_path: Path) -> None:
     opened = Opened(browser, attnscope.view(attn).save(tmp_path / "real.html"))
     assert opened.page.locator(".attnscope-thumb").count() == 6 * 4
     assert opened.errors == []
+
+
+# Each payload, run as script, sets window.__pwned and opens a dialog; neither may happen.
+PWN = "window.__pwned=1;alert(1)"
+HOSTILE_TITLE = f"</title></script><script>{PWN}</script>"
+HOSTILE_NAMES = [f"</script><img src=x onerror={PWN}>", f"<svg onload={PWN}>"]
+HOSTILE_TOKENS = [
+    f"<img src=x onerror={PWN}>",
+    f"</script><script>{PWN}</script>",
+    f"<!--<script>{PWN}//",
+    f'" onmouseover="{PWN}',
+]
+HOSTILE_TARGETS = [f"<iframe src=javascript:{PWN}>", "&lt;b&gt;", "\u2028"]
+HOSTILE_CELL = f"<img src=y onerror={PWN}>"
+
+
+def hostile_page() -> AttentionPage:
+    generator = torch.Generator().manual_seed(0)
+    maps = AttentionMaps.from_tensors(
+        {
+            HOSTILE_NAMES[0]: torch.softmax(torch.randn(1, 2, 4, 4, generator=generator), -1),
+            HOSTILE_NAMES[1]: torch.softmax(torch.randn(1, 2, 3, 4, generator=generator), -1),
+        },
+        kinds={HOSTILE_NAMES[0]: "self", HOSTILE_NAMES[1]: "cross"},
+    ).with_tokens(HOSTILE_TOKENS, HOSTILE_TARGETS)
+    stats = [{"module": HOSTILE_NAMES[0], "head": 0, HOSTILE_TITLE: HOSTILE_CELL}]
+    return attnscope.view(maps, title=HOSTILE_TITLE, element_id="hostile", stats=stats)
+
+
+def assert_inert_and_literal(opened: Opened) -> None:
+    """No payload ran, no element came from the data, and every string shows as typed."""
+    page = opened.page
+    # touch everything that reacts to the mouse, so that handlers run over the hostile text
+    page.hover(".attnscope-left .attnscope-token >> nth=1")
+    page.hover(".attnscope-matrix", position={"x": 3, "y": 3})
+    page.select_option(".attnscope-layer", "1")
+    page.hover(".attnscope-matrix", position={"x": 3, "y": 3})
+    page.wait_for_timeout(300)  # a failed image load fires onerror asynchronously
+    assert opened.dialogs == []
+    assert page.evaluate("typeof window.__pwned") == "undefined"
+    assert page.evaluate("document.scripts.length") == 2  # the page's own two
+    stray = "img, svg, iframe, object, embed, a, form, input:not([type=checkbox])"
+    assert page.locator(stray).count() == 0
+    assert page.text_content(".attnscope-title") == HOSTILE_TITLE
+    assert page.locator(".attnscope-layer option").all_text_contents() == [
+        f"{HOSTILE_NAMES[0]} (self)",
+        f"{HOSTILE_NAMES[1]} (cross)",
+    ]
+    assert page.locator(".attnscope-rowlabel").all_text_contents() == HOSTILE_NAMES
+    assert page.get_attribute(".attnscope-root", "data-selected") == f"{HOSTILE_NAMES[1]}#0"
+    assert HOSTILE_NAMES[1] in page.text_content(".attnscope-matrixview h3")
+    assert page.locator(".attnscope-left .attnscope-token").all_text_contents() == HOSTILE_TARGETS
+    assert page.locator(".attnscope-right .attnscope-token").all_text_contents() == HOSTILE_TOKENS
+    tooltip = page.text_content(".attnscope-tooltip")
+    assert f"{HOSTILE_TARGETS[0]} → key 0 {HOSTILE_TOKENS[0]}" in tooltip
+    assert page.locator(".attnscope-table th").all_text_contents() == [
+        "module",
+        "head",
+        HOSTILE_TITLE,
+    ]
+    assert HOSTILE_CELL in page.locator(".attnscope-table td").all_text_contents()
+    assert opened.errors == []
+    assert opened.requests == []
+
+
+def test_hostile_element_ids_are_refused_before_any_page_exists() -> None:
+    maps = AttentionMaps.from_tensors({"layer": torch.full((1, 1, 2, 2), 0.5)})
+    for element_id in ("</script><script>alert(1)</script>", f'x" onclick="{PWN}'):
+        with pytest.raises(AttnScopeError, match="letters, digits"):
+            attnscope.view(maps, element_id=element_id)
+
+
+def test_hostile_strings_in_a_saved_page_run_nothing_and_read_as_text(
+    browser: object, tmp_path: Path
+) -> None:
+    opened = Opened(browser, hostile_page().save(tmp_path / "hostile.html"))
+    assert opened.page.title() == HOSTILE_TITLE
+    assert_inert_and_literal(opened)
+
+
+def test_hostile_strings_in_a_notebook_style_embedding_run_nothing(
+    browser: object, tmp_path: Path
+) -> None:
+    # Jupyter puts _repr_html_ into the page with innerHTML and then re-creates each script
+    # so that it runs; any markup the fragment carried would come alive here.
+    host = tmp_path / "notebook.html"
+    host.write_text(
+        '<!DOCTYPE html><html><head><meta charset="utf-8"></head><body><div id="cell"></div>'
+        "<script>var cell = document.getElementById('cell');"
+        f"cell.innerHTML = {safe_json(hostile_page()._repr_html_())};"
+        "cell.querySelectorAll('script').forEach(function (old) {"
+        "  var fresh = document.createElement('script');"
+        "  if (old.type) fresh.type = old.type;"
+        "  if (old.id) fresh.id = old.id;"
+        "  fresh.textContent = old.textContent;"
+        "  old.replaceWith(fresh); });"
+        "document.querySelector('body > script').remove();</script></body></html>",
+        encoding="utf-8",
+    )
+    assert_inert_and_literal(Opened(browser, host))

@@ -97,8 +97,83 @@ def test_safe_json_escapes() -> None:
 def test_bad_input() -> None:
     with pytest.raises(AttnScopeError, match="takes an AttentionMaps"):
         attnscope.view({"a": torch.zeros(1)})  # type: ignore[arg-type]
-    with pytest.raises(AttnScopeError, match="batch=3"):
+    with pytest.raises(AttnScopeError, match=r"batch=3 .* pick one of 0 to 0"):
         attnscope.view(maps_with_tokens(["a"]), batch=3)
+
+
+def one(shape: tuple[int, ...], name: str = "layer.0", kind: str = "self") -> AttentionMaps:
+    return AttentionMaps.from_tensors({name: torch.full(shape, 0.5)}, kinds=kind)
+
+
+@pytest.mark.parametrize(
+    ("maps", "kwargs", "advice"),
+    [
+        (AttentionMaps(), {}, r"empty\. Call the model inside `with attnscope\.capture"),
+        (one((1, 2, 0, 3)), {}, r"0 query positions .*at least one token.*select\(exclude="),
+        (one((1, 2, 3, 0), kind="cross"), {}, r"0 key positions .*at least one token"),
+        (one((1, 2, 0, 0), kind="causal"), {}, r"0 query positions"),
+        (one((1, 0, 3, 3)), {}, r"no heads .*heads= keeping at least one"),
+        (one((0, 2, 3, 3)), {}, r"0 batch items: capture a forward pass on at least one input"),
+        (one((2, 2, 3, 3)), {"batch": -1}, r"batch=-1 .* pick one of 0 to 1"),
+        (one((2, 2, 3, 3)), {"batch": 1.0}, r"batch must be an int"),
+        (one((1, 2, 3, 3)), {"max_bytes": -1}, r"max_bytes=-1: give a whole number .* at least 1"),
+        (one((1, 2, 3, 3)), {"max_bytes": 0}, r"max_bytes=0: .* at least 1"),
+        (one((1, 2, 3, 3)), {"max_bytes": 1e6}, r"max_bytes=1000000\.0: give a whole number"),
+        (one((1, 2, 3, 3)), {"exact_bytes": -5}, r"exact_bytes=-5: .* at least 0"),
+        (one((1, 2, 3, 3)), {"full_heads": [("layer.0", 2)]}, r"no head 2 .* heads 0 to 1"),
+        (one((1, 2, 3, 3)), {"full_heads": [("layer.0", -1)]}, r"no head -1"),
+        (one((1, 2, 3, 3)), {"full_heads": [("nope", 0)]}, r"no module 'nope'; available: layer"),
+        (one((1, 2, 3, 3)), {"full_heads": ("layer.0", 0)}, r"not a \(name, head\) pair; e\.g\."),
+        (one((1, 2, 3, 3)), {"full_heads": "layer.0"}, r"list of \(name, head\) pairs"),
+        (one((1, 2, 3, 3)), {"title": None}, r"title must be a str"),
+        (one((1, 2, 3, 3)), {"stats": [1, 2]}, r"stats must be rows of \{column: value\}"),
+        (one((1, 2, 3, 3)), {"stats": [("a", 1)]}, r"stats=attnscope\.head_stats\(attn\)"),
+    ],
+)
+def test_degenerate_inputs_are_refused_with_advice(
+    maps: AttentionMaps, kwargs: dict, advice: str
+) -> None:
+    with pytest.raises(AttnScopeError, match=advice):
+        attnscope.view(maps, element_id="x", **kwargs)
+
+
+def test_nan_weights_are_refused_rather_than_drawn_as_noise() -> None:
+    weights = torch.full((2, 1, 3, 3), 1 / 3)
+    weights[1, 0, 1, 2] = float("nan")
+    maps = AttentionMaps.from_tensors({"layer.0": weights})
+    attnscope.view(maps, batch=0)  # the clean batch item is fine
+    refusal = r"NaN or infinite weights in batch item 1; .*nan_to_num"
+    with pytest.raises(AttnScopeError, match=refusal):
+        attnscope.view(maps, batch=1)
+
+
+def test_a_real_capture_of_an_empty_sequence_is_refused_with_advice() -> None:
+    layer = torch.nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    encoder = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with torch.no_grad(), attnscope.capture(encoder) as attn:
+        encoder(torch.randn(1, 0, 8))
+    assert [tuple(attn[name].shape)[2:] for name in attn.names] == [(0, 0)]
+    with pytest.raises(AttnScopeError, match=r"0 query positions .*at least one token"):
+        attnscope.view(attn)
+
+
+def test_full_heads_are_checked_even_when_every_head_fits() -> None:
+    maps = one((1, 2, 3, 3))
+    assert page_data(maps, full_heads=[("layer.0", 1)])["note"] == ""  # fits: no note
+    with pytest.raises(AttnScopeError, match="no head 7"):
+        page_data(maps, full_heads=[("layer.0", 7)])
+
+
+def test_stats_cells_become_plain_json_values() -> None:
+    stats: list[dict] = [
+        {"module": "m", "head": 0, "entropy": float("nan"), "first": 1 / 3, "ok": True},
+        {"module": "m", "head": 1, "entropy": torch.tensor(0.25), "first": float("inf"), 7: [1]},
+    ]
+    data = embedded_json(attnscope.view(one((1, 2, 3, 3)), stats=stats)._repr_html_())
+    assert data["table"] == [
+        {"module": "m", "head": 0, "entropy": None, "first": 0.3333, "ok": True},
+        {"module": "m", "head": 1, "entropy": 0.25, "first": None, "7": "[1]"},
+    ]
 
 
 def test_interop_formats() -> None:

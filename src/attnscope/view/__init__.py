@@ -6,13 +6,22 @@ The page is a fragment (a root ``div``, its style, a JSON data block and a scrip
 inside Jupyter (``_repr_html_``) and, wrapped in a document, as a file (``save``). The script
 and style ship inside this package and are inlined: the page never touches the network.
 
-Data goes in as JSON in ``<script type="application/json">`` with ``<``, ``>`` and ``&``
-escaped, so no token text can close the script or become markup; the script only ever sets
-token text through ``textContent``. Weights are quantised to one byte (``round(w * 255)``),
-base64-encoded per head; exact float32 values ride along for hover while they fit
-``exact_bytes``. Every head also gets a max-pooled thumbnail (at most 64 x 64). When the full
-maps would pass ``max_bytes`` (default 64 MB), full resolution is kept only for the selected
-heads, and the page says so.
+Everything that comes from the caller or the maps (title, module names, kinds, token text,
+the statistics table) takes one path into the page: JSON in ``<script type="application/json">``
+through ``safe_json`` (``<``, ``>``, ``&``, U+2028 and U+2029 escaped), so nothing can close the
+script or become markup, and the script only ever sets it with ``textContent`` or DOM
+properties, never ``innerHTML``. Outside that block, the title is ``html.escape``d into the
+document's ``<title>``, and the element id is validated to a plain token (see ``_root_id``) and
+then escaped all the same: ``html.escape`` in attributes, ``safe_json`` as the script's argument.
+
+Weights are quantised to one byte (``round(w * 255)``), base64-encoded per head; exact
+float32 values ride along for hover while they fit ``exact_bytes``. Every head also gets a
+max-pooled thumbnail (at most 64 x 64). When the full maps would pass ``max_bytes`` (default
+64 MB), full resolution is kept only for the selected heads, and the page says so.
+
+Inputs the page cannot show (no modules, an empty axis, no heads, NaN weights, a budget or
+``full_heads`` that make no sense) are refused up front with an ``AttnScopeError`` that says
+what to do (all but NaN before any weight is computed), never with a broken page.
 """
 
 from __future__ import annotations
@@ -21,8 +30,10 @@ import base64
 import html
 import itertools
 import json
+import math
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
@@ -37,6 +48,14 @@ DEFAULT_MAX_BYTES = 64 * 2**20
 DEFAULT_EXACT_BYTES = 8 * 2**20
 THUMB = 64
 _ids = itertools.count()
+_ELEMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_JSON_ESCAPES = (
+    ("<", "\\u003c"),
+    (">", "\\u003e"),
+    ("&", "\\u0026"),
+    ("\u2028", "\\u2028"),
+    ("\u2029", "\\u2029"),
+)
 
 
 class AttentionPage:
@@ -101,27 +120,74 @@ def view(
     >>> "attnscope-demo" in page._repr_html_()
     True
     """
-    if not isinstance(attn, AttentionMaps):
-        raise AttnScopeError(f"view() takes an AttentionMaps, got {type(attn).__name__}")
-    if len(attn) == 0:
-        raise AttnScopeError("nothing to show: this AttentionMaps is empty")
-    root = element_id or f"attnscope-{next(_ids)}-{os.getpid()}"
-    root = root if root.startswith("attnscope-") else f"attnscope-{root}"
+    if not isinstance(title, str):
+        raise AttnScopeError(f"title must be a str, got {type(title).__name__}")
+    root = _root_id(element_id)
     data = page_data(
         attn, batch=batch, max_bytes=max_bytes, exact_bytes=exact_bytes, full_heads=full_heads
     )
     data["title"] = title
     if stats is not None:
-        data["table"] = [
-            {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in stats
-        ]
-    fragment = (
-        f'<div id="{html.escape(root)}" class="attnscope-root"></div>'
+        data["table"] = _table(stats)
+    return AttentionPage(_fragment(root, data), title)
+
+
+def _root_id(element_id: str | None) -> str:
+    """The root element's id: ``attnscope-<element_id>``, or a fresh one when None.
+
+    A caller's id is validated rather than escaped. It lands in an HTML attribute, in the
+    script (``getElementById(id + "-data")``) and in the CSS selectors and snapshot tools that
+    callers point at it; each of those needs its own escaping, and one forgotten context is a
+    hole. An id exists to be a stable hook, for which letters, digits, ``-`` and ``_`` are
+    plenty, so refusing anything else costs callers nothing and leaves nothing to get wrong.
+    (The page still escapes the id like any other value, as a second wall.)
+
+    >>> _root_id("demo"), _root_id("attnscope-demo")
+    ('attnscope-demo', 'attnscope-demo')
+    """
+    if element_id is None:
+        return f"attnscope-{next(_ids)}-{os.getpid()}"
+    if not isinstance(element_id, str) or not _ELEMENT_ID.fullmatch(element_id):
+        raise AttnScopeError(
+            f"element_id={element_id!r} is not allowed: use 1 to 64 ASCII letters, digits, '-' "
+            "or '_' (e.g. element_id='fig-1'); the page's root element gets 'attnscope-' + it"
+        )
+    return element_id if element_id.startswith("attnscope-") else f"attnscope-{element_id}"
+
+
+def _fragment(root: str, data: dict[str, object]) -> str:
+    # The one way in for values: html.escape in attributes, safe_json for data and for the
+    # script's argument. The style and script are this package's own files, checked in tests.
+    attribute = html.escape(root, quote=True)
+    return (
+        f'<div id="{attribute}" class="attnscope-root"></div>'
         f"<style>{_asset('page.css')}</style>"
-        f'<script type="application/json" id="{html.escape(root)}-data">{safe_json(data)}</script>'
-        f"<script>{_asset('page.js')}\nattnscopeRender({json.dumps(root)});</script>"
+        f'<script type="application/json" id="{attribute}-data">{safe_json(data)}</script>'
+        f"<script>{_asset('page.js')}\nattnscopeRender({safe_json(root)});</script>"
     )
-    return AttentionPage(fragment, title)
+
+
+def _table(stats: Iterable[dict[str, object]]) -> list[dict[str, object]]:
+    """Statistics rows as JSON-ready cells: finite floats rounded, NaN/inf as empty cells."""
+    rows = []
+    for row in stats:
+        if not isinstance(row, Mapping):
+            raise AttnScopeError(
+                "stats must be rows of {column: value}, e.g. stats=attnscope.head_stats(attn); "
+                f"got a row of type {type(row).__name__}"
+            )
+        rows.append({str(column): _cell(value) for column, value in row.items()})
+    return rows
+
+
+def _cell(value: object) -> object:
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    try:  # floats, and numpy or one-element torch numbers
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(value)
+    return round(number, 4) if math.isfinite(number) else None
 
 
 def safe_json(value: object) -> str:
@@ -131,7 +197,11 @@ def safe_json(value: object) -> str:
     '{"t": "\\\\u003c/script\\\\u003e\\\\u003cb\\\\u003e\\\\u0026"}'
     """
     text = json.dumps(value, ensure_ascii=True, allow_nan=False)
-    return text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+    # ensure_ascii already writes U+2028/U+2029 as escapes; the last two replaces keep that
+    # true should anyone turn it off, since raw, they end a JavaScript line.
+    for raw, escaped in _JSON_ESCAPES:
+        text = text.replace(raw, escaped)
+    return text
 
 
 def _asset(name: str) -> str:
@@ -147,18 +217,24 @@ def page_data(
     full_heads: Iterable[tuple[str, int]] | None = None,
 ) -> dict[str, object]:
     """The page's data: quantised maps, thumbnails, labels, and what was left out."""
+    _check(attn, batch, max_bytes, exact_bytes)
+    wanted = None if full_heads is None else _full_heads(attn, full_heads)
     tensors = {name: attn._single(name) for name in attn.names}
-    for name, weights in tensors.items():
-        if not 0 <= batch < weights.size(0):
-            raise AttnScopeError(f"batch={batch} but {name!r} has {weights.size(0)} batch items")
     sizes = {name: w.size(1) * w.size(2) * w.size(3) for name, w in tensors.items()}
     total = sum(sizes.values())
     fits = total * 4 // 3 <= max_bytes
-    chosen = _choose_full(tensors, sizes, max_bytes, full_heads) if not fits else None
+    chosen = _choose_full(tensors, sizes, max_bytes, wanted) if not fits else None
     exact = fits and total * 4 * 4 // 3 <= exact_bytes
     maps = []
     for name, weights in tensors.items():
-        single = weights[batch].detach().to("cpu", torch.float32).clamp(0, 1)
+        single = weights[batch].detach().to("cpu", torch.float32)
+        if not bool(torch.isfinite(single).all()):  # NaN would quantise to arbitrary bytes
+            raise AttnScopeError(
+                f"{name!r} has NaN or infinite weights in batch item {batch}; the page shows "
+                "probabilities in [0, 1]. Clean them first, e.g. "
+                "torch.nan_to_num(weights, nan=0.0, posinf=1.0)"
+            )
+        single = single.clamp(0, 1)
         query_labels, key_labels = attn.labels(name, batch)
         heads = single.size(0)
         entry: dict[str, object] = {
@@ -189,18 +265,81 @@ def page_data(
     return {"version": 1, "batch": batch, "maps": maps, "note": note, "exact": exact}
 
 
+def _check(attn: AttentionMaps, batch: int, max_bytes: int, exact_bytes: int) -> None:
+    """Refuse, before computing anything, what would end in an internal error or a broken page."""
+    if not isinstance(attn, AttentionMaps):
+        raise AttnScopeError(f"view() takes an AttentionMaps, got {type(attn).__name__}")
+    if len(attn) == 0:
+        raise AttnScopeError(
+            "nothing to show: this AttentionMaps is empty. Call the model inside "
+            "`with attnscope.capture(model) as attn:`, and check that include/exclude keep at "
+            "least one attention module"
+        )
+    for what, value, least in (("max_bytes", max_bytes, 1), ("exact_bytes", exact_bytes, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise AttnScopeError(
+                f"{what}={value!r}: give a whole number of bytes, at least {least} "
+                f"(default {DEFAULT_MAX_BYTES if what == 'max_bytes' else DEFAULT_EXACT_BYTES})"
+            )
+    if isinstance(batch, bool) or not isinstance(batch, int):
+        raise AttnScopeError(f"batch must be an int (a batch item's index), got {batch!r}")
+    for name in attn.names:
+        size, heads, queries, keys = attn._shape(name)
+        if not 0 <= batch < size:
+            raise AttnScopeError(
+                f"batch={batch} but {name!r} has {size} batch items"
+                + (
+                    f": pick one of 0 to {size - 1}"
+                    if size
+                    else ": capture a forward pass on at least one input"
+                )
+            )
+        if heads == 0:
+            raise AttnScopeError(
+                f"{name!r} has no heads (shape {(size, heads, queries, keys)}): capture with "
+                f"heads= keeping at least one, or leave it out: attn.select(exclude={name!r})"
+            )
+        for axis, count in (("query", queries), ("key", keys)):
+            if count == 0:
+                raise AttnScopeError(
+                    f"{name!r} has 0 {axis} positions (shape {(size, heads, queries, keys)}): "
+                    "there is no attention to draw for an empty sequence. Run the model on at "
+                    f"least one token, or leave this module out: attn.select(exclude={name!r})"
+                )
+
+
+def _full_heads(
+    attn: AttentionMaps, full_heads: Iterable[tuple[str, int]]
+) -> list[tuple[str, int]]:
+    """``full_heads`` as checked (name, head) pairs, whether or not the budget needs them."""
+    example = f"e.g. full_heads=[({attn.names[0]!r}, 0)]"
+    if isinstance(full_heads, (str, bytes)) or not isinstance(full_heads, Iterable):
+        raise AttnScopeError(f"full_heads must be a list of (name, head) pairs, {example}")
+    wanted = []
+    for pair in full_heads:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise AttnScopeError(f"full_heads: {pair!r} is not a (name, head) pair; {example}")
+        name, head = pair
+        if not isinstance(name, str) or name not in attn:
+            raise AttnScopeError(
+                f"full_heads: no module {name!r}; available: {', '.join(attn.names[:20])}"
+            )
+        heads = attn._shape(name)[1]
+        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
+            raise AttnScopeError(
+                f"full_heads: no head {head!r} in {name!r}, which has heads 0 to {heads - 1}"
+            )
+        wanted.append((name, head))
+    return wanted
+
+
 def _choose_full(
     tensors: dict[str, Tensor],
     sizes: dict[str, int],
     max_bytes: int,
-    full_heads: Iterable[tuple[str, int]] | None,
+    wanted: list[tuple[str, int]] | None,
 ) -> set[tuple[str, int]]:
-    if full_heads is not None:
-        wanted = [(n, int(h)) for n, h in full_heads]
-        for name, head in wanted:
-            if name not in tensors or not 0 <= head < tensors[name].size(1):
-                raise AttnScopeError(f"full_heads: no head {head} in {name!r}")
-    else:
+    if wanted is None:
         wanted = [(n, h) for n in tensors for h in range(tensors[n].size(1))]
     chosen: set[tuple[str, int]] = set()
     used = 0
