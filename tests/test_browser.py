@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 from collections.abc import Iterator
@@ -162,6 +163,12 @@ def test_budgeted_page_shows_thumbnails_and_says_so(browser: object, tmp_path: P
     opened.page.click(".attnscope-thumb[data-map='1'][data-head='2']")
     assert "pooled thumbnail" in opened.page.text_content(".attnscope-matrixview h3")
     assert opened.ink(".attnscope-matrix") > 0
+    # the 64 x 64 thumbnail is shown as large as the full map, its ticks still on tokens
+    box = opened.page.locator(".attnscope-matrix").bounding_box()
+    assert box is not None and round(box["width"]) == round(box["height"]) == 360
+    ticks = axis_ticks(opened.page, "y")
+    assert [t["text"] for t in ticks] == [str(t["index"]) for t in ticks]
+    assert_on_their_rows(ticks, box, 120, "y")
     assert opened.errors == []
 
 
@@ -225,6 +232,8 @@ def assert_inert_and_literal(opened: Opened) -> None:
     assert HOSTILE_NAMES[1] in page.text_content(".attnscope-matrixview h3")
     assert page.locator(".attnscope-left .attnscope-token").all_text_contents() == HOSTILE_TARGETS
     assert page.locator(".attnscope-right .attnscope-token").all_text_contents() == HOSTILE_TOKENS
+    assert page.locator(".attnscope-ytick").all_text_contents() == HOSTILE_TARGETS
+    assert page.locator(".attnscope-xtick").all_text_contents() == HOSTILE_TOKENS
     tooltip = page.text_content(".attnscope-tooltip")
     assert f"{HOSTILE_TARGETS[0]} → key 0 {HOSTILE_TOKENS[0]}" in tooltip
     assert page.locator(".attnscope-table th").all_text_contents() == [
@@ -272,3 +281,82 @@ def test_hostile_strings_in_a_notebook_style_embedding_run_nothing(
         encoding="utf-8",
     )
     assert_inert_and_literal(Opened(browser, host))
+
+
+def axis_ticks(page: object, axis: str) -> list[dict[str, float | str]]:
+    """The matrix view's tick labels on one axis ("x": keys, "y": queries), with their boxes."""
+    return page.eval_on_selector_all(  # type: ignore[attr-defined, no-any-return]
+        f".attnscope-{axis}tick",
+        """ticks => ticks.map(t => { const r = t.getBoundingClientRect();
+            return {text: t.textContent, index: Number(t.dataset.index), left: r.left,
+                    right: r.right, top: r.top, bottom: r.bottom,
+                    size: parseFloat(getComputedStyle(t).fontSize)}; })""",
+    )
+
+
+def assert_on_their_rows(
+    ticks: list[dict[str, float | str]], box: dict[str, float], n: int, axis: str
+) -> None:
+    """Each label is centred on the row (y) or column (x) of its token, within a pixel."""
+    start, length = (box["y"], box["height"]) if axis == "y" else (box["x"], box["width"])
+    for tick in ticks:
+        low, high = ("top", "bottom") if axis == "y" else ("left", "right")
+        centre = (float(tick[low]) + float(tick[high])) / 2
+        expected = start + (int(tick["index"]) + 0.5) / n * length
+        assert abs(centre - expected) <= 1, (tick, expected)
+
+
+def test_matrix_axes_are_labelled_with_query_and_key_tokens(
+    browser: object, tmp_path: Path
+) -> None:
+    opened = Opened(
+        browser, attnscope.view(demo_like_maps(), element_id="ax").save(tmp_path / "a.html")
+    )
+    page = opened.page
+    source, target = ["a", "b", "c", "d", "e", "f"], ["<s>", "v", "w", "x", "y"]
+    for index, queries, keys in ((0, source, source), (1, target, target), (2, target, source)):
+        page.select_option(".attnscope-layer", str(index))
+        box = page.locator(".attnscope-matrix").bounding_box()
+        assert box is not None
+        y, x = axis_ticks(page, "y"), axis_ticks(page, "x")
+        assert [t["text"] for t in y] == queries  # few tokens: every one is labelled
+        assert [t["text"] for t in x] == keys
+        assert_on_their_rows(y, box, len(queries), "y")
+        assert_on_their_rows(x, box, len(keys), "x")
+        # query labels sit left of the matrix, key labels above it
+        assert all(float(t["right"]) <= box["x"] + 0.5 for t in y)
+        assert all(float(t["bottom"]) <= box["y"] + 0.5 for t in x)
+    # a cross map says which sequence each axis is
+    assert page.text_content(".attnscope-querycaption") == "queries (target tokens) →"
+    assert page.text_content(".attnscope-keycaption") == "keys (source tokens) →"
+    assert opened.errors == []
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(60, 60), (300, 300), (40, 300)])
+def test_many_tokens_thin_the_tick_labels_so_they_stay_legible(
+    browser: object, tmp_path: Path, queries: int, keys: int
+) -> None:
+    generator = torch.Generator().manual_seed(1)
+    source = [f"src{i}" for i in range(keys)]
+    target = [f"tgt{i}" for i in range(queries)]
+    weights = torch.softmax(torch.randn(1, 1, queries, keys, generator=generator), -1)
+    kind = "self" if queries == keys else "cross"
+    maps = AttentionMaps.from_tensors({"m": weights}, kinds=kind).with_tokens(source, target)
+    opened = Opened(browser, attnscope.view(maps, element_id="many").save(tmp_path / "m.html"))
+    box = opened.page.locator(".attnscope-matrix").bounding_box()
+    assert box is not None
+    for axis, labels, length, low, high in (
+        ("y", source if kind == "self" else target, box["height"], "top", "bottom"),
+        ("x", source, box["width"], "left", "right"),
+    ):
+        ticks = axis_ticks(opened.page, axis)
+        indices = [int(t["index"]) for t in ticks]
+        assert indices[0] == 0 and indices == sorted(set(indices))
+        assert [t["text"] for t in ticks] == [labels[i] for i in indices]
+        assert_on_their_rows(ticks, box, len(labels), axis)
+        # legible: a readable size, no two labels overlapping, yet not thinned to nothing
+        assert all(float(t["size"]) >= 10 for t in ticks)
+        for before, after in itertools.pairwise(ticks):
+            assert float(after[low]) >= float(before[high]) - 0.5, (before, after)
+        assert len(labels) > len(ticks) >= max(1, int(length // 40))
+    assert opened.errors == []

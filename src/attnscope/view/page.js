@@ -1,5 +1,6 @@
 /* attnscope page: head view, model view and matrix view of one capture.
- * No network, no framework. Token text is only ever set with textContent. */
+ * No network, no framework. Every string from the data (module names, kinds, tokens, the
+ * title, table cells) is set with textContent or a DOM property, never as markup. */
 function attnscopeRender(rootId) {
   "use strict";
   var root = document.getElementById(rootId);
@@ -87,10 +88,22 @@ function attnscopeRender(rootId) {
   var matrixPanel = el("section", "attnscope-panel attnscope-matrixview");
   var matrixTitle = el("h3", null, "Matrix view");
   matrixPanel.appendChild(matrixTitle);
+  // A grid (page.css): key caption and key ticks above the matrix, query caption and query
+  // ticks to its left; the box scrolls when a long sequence makes the matrix large.
+  var plotBox = el("div", "attnscope-plotbox");
+  var plot = el("div", "attnscope-plot");
+  var keyCaption = el("div", "attnscope-caption attnscope-keycaption");
+  var queryCaption = el("div", "attnscope-caption attnscope-querycaption");
+  var xAxis = el("div", "attnscope-axis attnscope-xaxis");
+  var yAxis = el("div", "attnscope-axis attnscope-yaxis");
   var matrix = el("canvas", "attnscope-matrix");
   var tooltip = el("div", "attnscope-tooltip");
-  matrixPanel.appendChild(matrix);
-  matrixPanel.appendChild(tooltip);
+  [keyCaption, xAxis, queryCaption, yAxis, matrix].forEach(function (node) {
+    plot.appendChild(node);
+  });
+  plotBox.appendChild(plot);
+  matrixPanel.appendChild(plotBox);
+  matrixPanel.appendChild(tooltip);  // outside the scrolling box, which would clip it
 
   var modelPanel = el("section", "attnscope-panel attnscope-modelview");
   modelPanel.appendChild(el("h3", null, "Model view (each head, pooled; click to open)"));
@@ -110,7 +123,9 @@ function attnscopeRender(rootId) {
     table.appendChild(header);
     data.table.forEach(function (row) {
       var line = el("tr");
-      columns.forEach(function (c) { line.appendChild(el("td", null, String(row[c]))); });
+      columns.forEach(function (c) {  // null: a NaN or missing cell, shown empty
+        line.appendChild(el("td", null, row[c] === null || row[c] === undefined ? "" : String(row[c])));
+      });
       table.appendChild(line);
     });
     statsPanel.appendChild(table);
@@ -195,6 +210,38 @@ function attnscopeRender(rootId) {
   }
 
   // -- matrix view --------------------------------------------------------------------------
+  var SIDE = 360;  // px of the matrix's longer side, unless that would be under 1 px a token
+  var TICK = 13;   // px a tick label needs across its axis (its line height in page.css)
+  var LABEL = 16;  // characters of a tick label before it is cut (the full text is its title)
+  function tickStep(n, length) {
+    // The smallest of 1, 2, 5, 10, 20, 50, ... that keeps neighbouring labels TICK px apart:
+    // round steps make the thinned positions easy to read (0, 20, 40, ...).
+    var least = n * TICK / length;
+    for (var unit = 1; ; unit *= 10) {
+      for (var f = 0; f < 3; f++) if ([1, 2, 5][f] * unit >= least) return [1, 2, 5][f] * unit;
+    }
+  }
+  function ticks(axis, labels, length, across) {
+    // A label sits at the centre of its row (or column) whatever the canvas's resolution.
+    axis.textContent = "";
+    var n = labels.length, step = tickStep(n, length), longest = 1;
+    for (var i = 0; i < n; i += step) {
+      var centre = (i + 0.5) / n * length;
+      var tick = el("div", across ? "attnscope-xtick" : "attnscope-ytick", labels[i]);
+      tick.title = i + ": " + labels[i];
+      tick.dataset.index = String(i);
+      var mark = el("div", across ? "attnscope-xmark" : "attnscope-ymark");
+      if (across) {
+        tick.style.left = (centre - TICK / 2) + "px"; mark.style.left = centre + "px";
+      } else {
+        tick.style.top = (centre - TICK / 2) + "px"; mark.style.top = centre + "px";
+      }
+      axis.appendChild(tick); axis.appendChild(mark);
+      longest = Math.max(longest, Math.min(LABEL, labels[i].length));
+    }
+    axis.dataset.step = String(step);
+    return longest;
+  }
   function drawMatrix() {
     var m = maps[state.map], values = weights(state.map, state.head);
     matrixTitle.textContent = "Matrix view: " + m.name + ", head " + state.head +
@@ -204,9 +251,19 @@ function attnscopeRender(rootId) {
     } else {
       paint(matrix, values, m.q, m.k);
     }
-    var scale = Math.max(1, Math.floor(360 / Math.max(m.q, m.k)));
-    matrix.style.width = (matrix.width * scale) + "px";
-    matrix.style.height = (matrix.height * scale) + "px";
+    // Sized by tokens, not canvas pixels, so a pooled thumbnail shows as large as the full map.
+    var scale = Math.max(1, SIDE / Math.max(m.q, m.k));
+    var width = m.k * scale, height = m.q * scale;
+    matrix.style.width = width + "px";
+    matrix.style.height = height + "px";
+    var cross = m.kind === "cross";
+    keyCaption.textContent = "keys" + (cross ? " (source tokens)" : "") + " \u2192";
+    // vertical text turns the arrow with it: it points down the query axis
+    queryCaption.textContent = "queries" + (cross ? " (target tokens)" : "") + " \u2192";
+    xAxis.style.width = width + "px";
+    xAxis.style.height = (ticks(xAxis, m.klabels, width, true) + 1) + "ch";
+    yAxis.style.height = height + "px";
+    yAxis.style.width = (ticks(yAxis, m.qlabels, height, false) + 1) + "ch";
   }
   matrix.addEventListener("mousemove", function (event) {
     var m = maps[state.map], rect = matrix.getBoundingClientRect();
@@ -225,8 +282,9 @@ function attnscopeRender(rootId) {
     }
     tooltip.textContent = text;
     tooltip.style.display = "block";
-    tooltip.style.left = (event.clientX - rect.left + 12) + "px";
-    tooltip.style.top = (event.clientY - rect.top + matrix.offsetTop + 12) + "px";
+    var box = matrixPanel.getBoundingClientRect();  // the tooltip's positioned parent
+    tooltip.style.left = (event.clientX - box.left + 12) + "px";
+    tooltip.style.top = (event.clientY - box.top + 12) + "px";
   });
   matrix.addEventListener("mouseleave", function () { tooltip.style.display = "none"; });
 
