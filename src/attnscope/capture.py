@@ -24,6 +24,7 @@ returned holds tensors only, never the model.
 from __future__ import annotations
 
 import os
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from typing import Any
@@ -35,10 +36,10 @@ from .adapters import Adapter, default_adapters
 from .adapters.base import AttentionCall
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names, matcher
-from .intercept import uninterruptible
-from .refusals import check_capturable
+from .intercept import SignalGuard
 from .lazy import LazyWeights, finish
 from .maps import AttentionMaps
+from .refusals import check_capturable
 from .spill import Spill
 
 
@@ -115,7 +116,8 @@ class Capture:
     def __init__(self, model: nn.Module, options: dict[str, Any]) -> None:
         self._model = model
         self._options = options
-        self._stack: ExitStack | None = None
+        self._guard = SignalGuard()
+        self._close: weakref.finalize | None = None
         self._used = False
 
     def __enter__(self) -> AttentionMaps:
@@ -126,23 +128,37 @@ class Capture:
             )
         self._used = True
         found, recorder, keep = _prepare(self._model, **self._options)
-        stack = ExitStack()
+        guard, stack = self._guard, ExitStack()
+        # the backstop, for an interrupt landing as __exit__ is entered, before its first line:
+        # the stack is closed when this object goes (at once, by reference count)
+        self._close = weakref.finalize(self, _restore, stack, guard)
+        guard.held = True  # before the stand-ins go in: one may run as soon as it is in
         try:
-            with uninterruptible():
-                self._stack = stack
-                for adapter, modules in found:
-                    adapter.install(self._model, modules, recorder, stack, keep)
+            guard.install()
+            for adapter, modules in found:
+                adapter.install(self._model, modules, recorder, stack, keep)
         except BaseException:
-            with uninterruptible():
-                stack.close()
+            self._close()
             raise
+        guard.held = False
+        if guard.arrived:  # Ctrl-C during the install: the capture does not start
+            self._close()
+            guard.deliver()
         return recorder.maps
 
     def __exit__(self, *exc_info: object) -> None:
-        stack, self._stack = self._stack, None
-        if stack is not None:
-            with uninterruptible():
-                stack.close()
+        self._guard.held = True  # first: no call before it, so no signal handler runs first
+        if self._close is not None:
+            self._close()
+        self._guard.deliver()
+
+
+def _restore(stack: ExitStack, guard: SignalGuard) -> None:
+    guard.held = True
+    try:
+        stack.close()
+    finally:
+        guard.uninstall()
 
 
 def capture(

@@ -25,7 +25,7 @@ Lifetimes, whatever the order and whatever the exit:
 - copies: ``copy.deepcopy`` (``AveragedModel``, EMA copies) and pickling (``torch.save``) of an
   observed module give an unobserved model that runs its own weights;
 - interrupts: every undo is registered before the change it undoes, every undo is idempotent,
-  and ``uninterruptible`` holds back KeyboardInterrupt (any Python signal handler) while an
+  and a ``SignalGuard`` holds back KeyboardInterrupt (any Python signal handler) while an
   install or a restore runs, delivering it right after.
 """
 
@@ -40,7 +40,7 @@ import types
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from torch import nn
 
@@ -48,58 +48,93 @@ Proceed = Callable[[], Any]
 
 # -- interrupts ------------------------------------------------------------------------------
 
-_deferring = threading.local()
+_SIGNALS = tuple(signal.valid_signals())
+
+
+class SignalGuard:
+    """Stand-ins for the Python signal handlers (KeyboardInterrupt's included), in place for as
+    long as the guard is installed: while ``held`` is set they note what arrives, otherwise
+    they pass it straight to the real handler.
+
+    Python runs signal handlers in the main thread between bytecodes, even on the first line of
+    a function, so "defer from now on" cannot be said in time by calling something; setting an
+    attribute can. A capture installs the guard as it starts and holds it across its install
+    and its restore; the with-body in between runs with the real handlers' behaviour. Off the
+    main thread no handler can run, and the guard does nothing.
+
+    >>> guard = SignalGuard().install()
+    >>> guard.held = True
+    >>> signal.raise_signal(signal.SIGINT)  # noted, not raised
+    >>> guard.uninstall()  # the real handlers back, nothing held any more
+    >>> try:
+    ...     guard.deliver()
+    ... except KeyboardInterrupt:
+    ...     print("delivered after")
+    delivered after
+    """
+
+    def __init__(self) -> None:
+        self.held = False
+        self.arrived: list[int] = []
+        self.saved: dict[int, Any] = {}
+        self.handler = self._handle  # one bound method, to know it again
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.held:
+            self.arrived.append(signum)
+        else:
+            _deliver(self.saved.get(signum), signum, frame)
+
+    def install(self) -> SignalGuard:
+        if threading.current_thread() is threading.main_thread():
+            for signum in _SIGNALS:
+                handler = signal.getsignal(signum)
+                if callable(handler):  # saved before the stand-in goes in: it may run at once
+                    self.saved[signum] = handler
+                    signal.signal(signum, self.handler)
+        return self
+
+    def uninstall(self) -> None:
+        """Put the real handlers back where the stand-ins still are (someone who installed a
+        handler of their own meanwhile keeps it), then stop holding. SIGINT goes back last:
+        a Ctrl-C meanwhile is held, and one after it finds nothing left to do. A stand-in left
+        by a second, different signal arriving meanwhile passes signals on."""
+        try:
+            for signum in sorted(self.saved, key=lambda number: number == signal.SIGINT):
+                if signal.getsignal(signum) == self.handler:
+                    signal.signal(signum, self.saved[signum])
+        finally:
+            self.held = False
+
+    def deliver(self) -> None:
+        """Run the real handlers for what arrived while held (KeyboardInterrupt raises here)."""
+        arrived, self.arrived = self.arrived, []
+        for signum in arrived:
+            _deliver(self.saved.get(signum), signum, sys._getframe())
+
+
+def _deliver(handler: Any, signum: int, frame: Any) -> None:
+    if callable(handler):
+        handler(signum, frame)
 
 
 @contextmanager
 def uninterruptible() -> Iterator[None]:
-    """Hold back Python signal handlers (KeyboardInterrupt) while the body runs; deliver after.
-
-    Python runs signal handlers in the main thread between bytecodes, so an install or restore
-    interrupted half way would strand a change. Inside this block the handlers are stand-ins
-    that note the signal; on exit the real ones are put back and called for what arrived.
-    Elsewhere than the main thread no handler can run, and the block changes nothing.
+    """Hold back signal handlers while the body runs (``SignalGuard``); deliver after.
 
     >>> with uninterruptible():
     ...     done = True
     >>> done
     True
     """
-    if threading.current_thread() is not threading.main_thread() or getattr(
-        _deferring, "depth", 0
-    ):
-        yield
-        return
-    arrived: list[int] = []
-    saved: dict[int, Any] = {}
-    active = [True]
-
-    def hold(signum: int, frame: Any) -> None:
-        if active[0]:
-            arrived.append(signum)
-        else:  # left installed by an interrupted restore: behave as the real handler
-            _deliver(saved[signum], signum, frame)
-
-    _deferring.depth = 1
+    guard = SignalGuard()
+    guard.held = True  # before the stand-ins go in: one may run as soon as it is in
     try:
-        for signum in signal.valid_signals():
-            handler = signal.getsignal(signum)
-            if callable(handler):
-                saved[signum] = signal.signal(signum, hold)
+        guard.install()
         yield
     finally:
-        active[0] = False
-        for signum, handler in saved.items():
-            if signal.getsignal(signum) is hold:
-                signal.signal(signum, handler)
-        _deferring.depth = 0
-        for signum in arrived:
-            _deliver(saved[signum], signum, sys._getframe())
-
-
-def _deliver(handler: Any, signum: int, frame: Any) -> None:
-    if callable(handler):
-        handler(signum, frame)
+        guard.uninstall()
+    guard.deliver()
 
 
 # -- observing modules -----------------------------------------------------------------------
@@ -128,7 +163,7 @@ class ObservedForward:
         self.original = module.forward
         self.module = weakref.ref(module)
         self.observers: list[tuple[int, Observer]] = []  # (thread, observer)
-        functools.update_wrapper(self, self.original)  # type: ignore[arg-type]
+        functools.update_wrapper(self, self.original)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         target = self.module()
@@ -190,8 +225,11 @@ class ObserverHandle:
         if module is None or self._removed:
             return self
         with _observe_lock:
-            wrapper = _observed.get(module)
-            if wrapper is None or module.__dict__.get("forward") is not wrapper:
+            found = _observed.get(module)
+            wrapper: ObservedForward
+            if isinstance(found, ObservedForward) and module.__dict__.get("forward") is found:
+                wrapper = cast(ObservedForward, found)
+            else:  # none yet, or someone put their own forward over ours: wrap that
                 wrapper = ObservedForward(module)
                 _observed[module] = wrapper
                 module.__dict__["forward"] = wrapper
@@ -201,11 +239,15 @@ class ObserverHandle:
     def remove(self) -> None:
         module = self._module()
         with _observe_lock:
-            wrapper = None if module is None else _observed.get(module)
-            if wrapper is not None and self._entry in wrapper.observers:
+            found = None if module is None else _observed.get(module)
+            if (
+                module is not None
+                and isinstance(found, ObservedForward)
+                and self._entry in found.observers
+            ):
+                wrapper = found
                 wrapper.observers.remove(self._entry)
                 if not wrapper.observers:
-                    assert module is not None
                     if module.__dict__.get("forward") is wrapper:
                         if wrapper.previous is _MISSING:
                             module.__dict__.pop("forward", None)
@@ -215,7 +257,9 @@ class ObserverHandle:
             self._removed = True
 
 
-def observe(module: nn.Module, observer: Observer, stack: ExitStack | None = None) -> ObserverHandle:
+def observe(
+    module: nn.Module, observer: Observer, stack: ExitStack | None = None
+) -> ObserverHandle:
     """Run ``observer`` around every call of ``module`` on this thread until the handle is
     removed (with ``stack``: when it closes; the undo is registered before the change).
 

@@ -169,7 +169,9 @@ class _CallingModules:
             code = frame.f_code
             if code.co_argcount and code.co_varnames[0] == "self":
                 owner = frame.f_locals.get("self")
-                if isinstance(owner, nn.Module) and (not self._found or self._found[-1] is not owner):
+                if isinstance(owner, nn.Module) and (
+                    not self._found or self._found[-1] is not owner
+                ):
                     self._found.append(owner)
                     yield owner
 

@@ -163,6 +163,7 @@ def _native_mha_with_weights(
     queries = all(request.queries for request in requests)
     if not requests or (queries and not _keeps_queries(query, key, value, embed_dim)):
         return _call_through("mha", *args, mask, need_weights, average_attn_weights, mask_type)
+    kept: Any
     if queries:
         output, kept = _attention_keeping_queries(*args, mask, mask_type)
     else:  # PyTorch's own kernel (checked above), asked for the weights it computes anyway
@@ -184,6 +185,7 @@ def _encoder_layer_with_weights(*args: Any, **kwargs: Any) -> Tensor:
     if not requests or src is None or _is_empty(src):
         return _call_through("layer", *args, **kwargs)
     queries = all(request.queries for request in requests)
+    kept: Any
     if queries:
         if not _keeps_queries(src, src, src, args[1]):
             return _call_through("layer", *args, **kwargs)

@@ -1,0 +1,382 @@
+"""A capture keeps to its own thread, its own model and its own `with` block, whatever happens:
+other threads, copies of the model, interrupts at random moments, models it cannot observe."""
+
+from __future__ import annotations
+
+import copy
+import io
+import pickle
+import random
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+
+import attnscope
+from attnscope import intercept
+from models import encoder, sequence
+from reference import assert_weights_match, slow_path_weights
+
+KERNELS = (
+    "scaled_dot_product_attention",
+    "_native_multi_head_attention",
+    "_transformer_encoder_layer_fwd",
+)
+
+
+def pristine_functions() -> tuple[Any, ...]:
+    return (
+        F.scaled_dot_product_attention,
+        torch._native_multi_head_attention,
+        torch._transformer_encoder_layer_fwd,
+    )
+
+
+ORIGINALS = pristine_functions()
+
+
+def assert_pristine(model: nn.Module) -> None:
+    assert pristine_functions() == ORIGINALS, "a kernel was left replaced"
+    for name, module in model.named_modules():
+        assert "forward" not in module.__dict__, f"{name!r} kept an instance forward"
+        assert not intercept.is_observed(module)
+
+
+def assert_own_model(clone: nn.Module) -> None:
+    """Nothing of attnscope in a copy: at most an instance ``forward`` that is its class's own
+    forward bound to the copy itself (what the copied wrapper stood for)."""
+    for name, module in clone.named_modules():
+        forward = module.__dict__.get("forward")
+        if forward is not None:
+            assert not isinstance(forward, intercept.ObservedForward), name
+            assert forward.__self__ is module and forward.__func__ is type(module).forward
+        assert not intercept.is_observed(module)
+
+
+def in_threads(*jobs: Callable[[], Any]) -> list[Any]:
+    """Run the jobs at the same time (a barrier lines them up), re-raising their errors."""
+    barrier = threading.Barrier(len(jobs))
+    results: list[Any] = [None] * len(jobs)
+    errors: list[BaseException] = []
+
+    def run(index: int, job: Callable[[], Any]) -> None:
+        try:
+            barrier.wait(timeout=30)
+            results[index] = job()
+        except BaseException as error:  # handed to the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i, job)) for i, job in enumerate(jobs)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    if errors:
+        raise errors[0]
+    return results
+
+
+# -- threads -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_capture_records_only_its_own_threads_calls(fast_path: bool) -> None:
+    model = encoder().eval()
+    mine, theirs = sequence(2, 5, seed=1), sequence(3, 7, seed=2)
+    context = torch.no_grad if fast_path else torch.enable_grad
+    with context():
+        expected_theirs = model(theirs)
+    calls_per_thread = 20
+
+    def capturing() -> attnscope.AttentionMaps:
+        with context(), attnscope.capture(model) as attn:
+            for _ in range(calls_per_thread):
+                model(mine)
+        return attn
+
+    def plain() -> list[torch.Tensor]:
+        with context():
+            return [model(theirs) for _ in range(calls_per_thread)]
+
+    attn, outputs = in_threads(capturing, plain)
+    assert [len(attn.calls(n)) for n in attn.names] == [calls_per_thread] * 2
+    assert all(w.shape == (2, 4, 5, 5) for n in attn.names for w in attn.calls(n))
+    for output in outputs:
+        assert torch.equal(output, expected_theirs)
+    reference = slow_path_weights(model, lambda m: m(mine))
+    for name in attn.names:
+        assert_weights_match(attn.calls(name)[-1], reference[name][0])
+    assert_pristine(model)
+
+
+def test_two_threads_capturing_one_model_at_once_each_get_their_own() -> None:
+    model = encoder().eval()
+    inputs = [sequence(1, 4, seed=3), sequence(2, 6, seed=4)]
+
+    def capturing(x: torch.Tensor) -> Callable[[], attnscope.AttentionMaps]:
+        def job() -> attnscope.AttentionMaps:
+            with torch.no_grad(), attnscope.capture(model) as attn:
+                for _ in range(10):
+                    model(x)
+            return attn
+
+        return job
+
+    results = in_threads(capturing(inputs[0]), capturing(inputs[1]))
+    for attn, x in zip(results, inputs, strict=True):
+        reference = slow_path_weights(model, lambda m, x=x: m(x))
+        for name in attn.names:
+            calls = attn.calls(name)
+            assert len(calls) == 10
+            for weights in calls:
+                assert_weights_match(weights, reference[name][0])
+    assert_pristine(model)
+
+
+def test_hugging_face_plain_inference_on_another_thread_is_untouched() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=37,
+        vocab_size=99,
+        max_position_embeddings=64,
+    )
+    model = transformers.BertModel(config).eval()
+    ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+
+    def capturing() -> attnscope.AttentionMaps:
+        with torch.no_grad(), attnscope.capture(model) as attn:
+            for _ in range(10):
+                model(input_ids=ids[:1])
+        return attn
+
+    def plain() -> list[torch.Tensor]:
+        with torch.no_grad():
+            return [model(input_ids=ids).last_hidden_state for _ in range(10)]
+
+    attn, outputs = in_threads(capturing, plain)
+    for output in outputs:
+        assert torch.equal(output, expected)
+    assert all(len(attn.calls(n)) == 10 for n in attn.names) and len(attn.names) == 2
+    assert all(w.shape == (1, 4, 9, 9) for n in attn.names for w in attn.calls(n))
+    assert_pristine(model)
+
+
+# -- copies --------------------------------------------------------------------------------
+
+
+def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x)
+
+
+def test_a_deep_copy_made_inside_a_capture_is_an_independent_model() -> None:
+    model = encoder().eval()
+    x = sequence(2, 5)
+    with torch.no_grad(), attnscope.capture(model) as attn:
+        clone = copy.deepcopy(model)
+        model(x)
+    with torch.no_grad():  # train the original on: the clone must not follow
+        for parameter in model.parameters():
+            parameter.add_(0.5)
+    reference = copy.deepcopy(clone)  # made outside any capture
+    assert_own_model(clone)
+    assert_pristine(model)
+    assert torch.equal(_outputs(clone, x), _outputs(reference, x))
+    assert not torch.equal(_outputs(clone, x), _outputs(model, x))
+    with torch.no_grad(), attnscope.capture(clone) as again:  # the clone can be captured itself
+        clone(x)
+    assert_weights_match(again["layers.0.self_attn"], attn["layers.0.self_attn"], atol=1e-5)
+
+
+def test_averaged_model_and_torch_save_inside_a_capture() -> None:
+    from torch.optim.swa_utils import AveragedModel
+
+    model = encoder().eval()
+    x = sequence(2, 5)
+    buffer = io.BytesIO()
+    with torch.no_grad(), attnscope.capture(model):
+        averaged = AveragedModel(model)
+        torch.save(model, buffer)
+        pickled = pickle.dumps(model)
+        model(x)
+    expected = _outputs(model, x)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.mul_(3.0)
+    assert torch.equal(_outputs(averaged.module, x), expected)
+    assert_own_model(averaged)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for restored in (loaded, pickle.loads(pickled)):
+        assert torch.equal(_outputs(restored, x), expected)
+        with torch.no_grad(), attnscope.capture(restored) as attn:
+            restored(x)
+        assert len(attn.names) == 2
+        assert_own_model(restored)
+    assert_pristine(model)
+
+
+# -- interrupts ----------------------------------------------------------------------------
+
+
+class _Interrupt:
+    """A timer signal that raises KeyboardInterrupt after a random delay: Ctrl-C at a random
+    moment of whatever runs, attnscope's own install and restore code included."""
+
+    def __init__(self, seed: int) -> None:
+        self.random = random.Random(seed)
+        self.handler = self._raise
+        self.previous = signal.signal(signal.SIGALRM, self.handler)
+        self.fired = 0
+
+    def _raise(self, signum: int, frame: Any) -> None:
+        self.fired += 1
+        raise KeyboardInterrupt
+
+    def arm(self, longest: float) -> None:
+        signal.setitimer(signal.ITIMER_REAL, self.random.uniform(1e-6, longest))
+
+    def disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+    def close(self) -> None:
+        self.disarm()
+        signal.signal(signal.SIGALRM, self.previous)
+
+
+def _interrupted_captures(
+    model: nn.Module, run: Callable[[], Any], seed: int, interrupts: int = 200, seconds: float = 20
+) -> tuple[int, int]:
+    """Capture ``run`` over and over, each time interrupted at a random moment, until
+    ``interrupts`` fired or ``seconds`` passed; after each, nothing of attnscope may remain.
+    Returns (attempts, interrupts)."""
+    start = time.perf_counter()
+    durations = []
+    for _ in range(5):  # the first calls are slow: the median of a few
+        started = time.perf_counter()
+        with torch.no_grad(), attnscope.capture(model):
+            run()
+        durations.append(time.perf_counter() - started)
+    span = sorted(durations)[2]
+    interrupt = _Interrupt(seed)
+    attempts = 0
+    try:
+        while time.perf_counter() - start < seconds and interrupt.fired < interrupts:
+            attempts += 1
+            try:
+                interrupt.arm(span)
+                try:
+                    with torch.no_grad(), attnscope.capture(model, lazy=attempts % 3 == 0) as a:
+                        run()
+                    len(a)
+                finally:
+                    interrupt.disarm()
+            except KeyboardInterrupt:
+                pass
+            assert_pristine(model)
+            assert signal.getsignal(signal.SIGALRM) == interrupt.handler
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        interrupt.close()
+    return attempts, interrupt.fired
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+def test_ctrl_c_at_any_moment_leaves_nothing_behind_torch_nn() -> None:
+    model = nn.Transformer(32, 4, 1, 1, 64, batch_first=True).eval()
+    src, tgt = torch.randn(2, 6, 32), torch.randn(2, 5, 32)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    with torch.no_grad():
+        expected = model(src, tgt, tgt_mask=mask)
+
+    def run() -> Any:
+        return model(src, tgt, tgt_mask=mask)
+
+    attempts, fired = _interrupted_captures(model, run, seed=0)
+    assert fired >= 100, (attempts, fired)
+    with torch.no_grad():
+        assert torch.equal(model(src, tgt, tgt_mask=mask), expected)
+    with torch.no_grad(), attnscope.capture(model) as attn:  # and a capture still works
+        run()
+    assert len(attn.names) == 3
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
+def test_ctrl_c_at_any_moment_leaves_nothing_behind_hugging_face() -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=32)
+    model = transformers.GPT2Model(config).eval()
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(input_ids=ids).last_hidden_state
+
+    def run() -> Any:
+        return model(input_ids=ids)
+
+    attempts, fired = _interrupted_captures(model, run, seed=1)
+    assert fired >= 100, (attempts, fired)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, expected)
+
+
+def test_uninterruptible_delivers_a_held_interrupt_after_the_block() -> None:
+    order: list[str] = []
+    with pytest.raises(KeyboardInterrupt), intercept.uninterruptible():
+        signal.raise_signal(signal.SIGINT)  # would raise here, at once
+        order.append("block finished")
+    assert order == ["block finished"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# -- what a capture cannot observe, and using one twice -------------------------------------
+
+
+def test_a_capture_entered_twice_says_so() -> None:
+    model = encoder().eval()
+    context = attnscope.capture(model)
+    with torch.no_grad(), context:
+        model(sequence(1, 3))
+    with (
+        pytest.raises(attnscope.AttnScopeError, match=r"entered already.*capture\(model\) again"),
+        context,
+    ):
+        pass
+    assert_pristine(model)
+
+
+def _refused(model: nn.Module, says: str) -> None:
+    with pytest.raises(attnscope.AttnScopeError, match=says), attnscope.capture(model):
+        pytest.fail("the capture started")
+
+
+def test_compiled_scripted_and_meta_models_are_refused_before_running() -> None:
+    model = encoder().eval()
+    compiled = torch.compile(model)
+    _refused(compiled, r"torch.compile.*_orig_mod")
+    in_place = encoder().eval()
+    in_place.compile()
+    _refused(in_place, r"torch.compile")
+    _refused(torch.jit.script(nn.Sequential(nn.Linear(4, 4))), r"TorchScript")
+    with torch.device("meta"):
+        meta = encoder()
+    _refused(meta, r"meta device.*to_empty")
+    assert_pristine(model)
+    # the uncompiled module, run inside the capture, is captured exactly
+    x = sequence(2, 5)
+    with torch.no_grad(), attnscope.capture(compiled._orig_mod) as attn:
+        compiled._orig_mod(x)
+    reference = slow_path_weights(model, lambda m: m(x))
+    assert_weights_match(attn["layers.0.self_attn"], reference["layers.0.self_attn"][0])
