@@ -97,14 +97,20 @@ class SignalGuard:
     def uninstall(self) -> None:
         """Put the real handlers back where the stand-ins still are (someone who installed a
         handler of their own meanwhile keeps it), then stop holding. SIGINT goes back last:
-        a Ctrl-C meanwhile is held, and one after it finds nothing left to do. A stand-in left
-        by a second, different signal arriving meanwhile passes signals on."""
+        a Ctrl-C meanwhile is held. A signal whose real handler is back already raises there:
+        the rest is put back before it goes on."""
         try:
-            for signum in sorted(self.saved, key=lambda number: number == signal.SIGINT):
-                if signal.getsignal(signum) == self.handler:
-                    signal.signal(signum, self.saved[signum])
+            self._put_back()
+        except BaseException:  # a real handler, back already, raised: finish, then let it go
+            self._put_back()
+            raise
         finally:
             self.held = False
+
+    def _put_back(self) -> None:
+        for signum in sorted(self.saved, key=lambda number: number == signal.SIGINT):
+            if signal.getsignal(signum) == self.handler:
+                signal.signal(signum, self.saved[signum])
 
     def deliver(self) -> None:
         """Run the real handlers for what arrived while held (KeyboardInterrupt raises here)."""
