@@ -156,6 +156,55 @@ def test_from_tensors_and_concat() -> None:
         AttentionMaps.from_tensors({"x": torch.rand(2, 2)})
 
 
+def _calls(*shapes: tuple[int, int]) -> list[torch.Tensor]:
+    return [torch.softmax(torch.randn(1, 2, q, k), -1) for q, k in shapes]
+
+
+@pytest.mark.parametrize(
+    ("kind", "shapes", "incremental"),
+    [
+        ("causal", [(3, 3), (1, 4), (1, 5)], True),  # prefill, then one query per step
+        ("causal", [(1, 1), (2, 3)], True),  # a chunk of two new queries
+        ("causal", [(1, 1), (2, 2), (3, 3)], False),  # the whole prefix re-run each step
+        ("self", [(4, 4), (4, 4)], False),  # one module on two inputs (or shared weights)
+        ("cross", [(3, 7), (1, 7), (1, 7)], True),  # encoder keys, new queries
+        ("cross", [(1, 7), (2, 7), (3, 7)], False),  # the prefix re-run against the encoder
+        ("cross", [(1, 1), (1, 2)], True),  # a cached nn.MultiheadAttention counts as cross
+        ("cross", [(2, 7), (1, 5)], False),  # neither the same keys nor a cache
+    ],
+)
+def test_incremental_calls_by_their_shapes(
+    kind: str, shapes: list[tuple[int, int]], incremental: bool
+) -> None:
+    maps = AttentionMaps.from_tensors({"m": _calls(*shapes)}, kinds=kind)
+    assert maps.incremental("m") is incremental
+    if incremental:
+        joined = maps.concat("m")
+        assert joined.shape[2:] == (sum(q for q, _ in shapes), max(k for _, k in shapes))
+        weights, note = maps.display("m")
+        assert torch.equal(weights, joined) and note == f"{len(shapes)} incremental calls joined"
+    else:
+        with pytest.raises(AttnScopeError, match=r"not incremental.*attn\.calls\('m'\)\[-1\]"):
+            maps.concat("m")
+        with pytest.warns(UserWarning, match=r"showing the last call, attn\.calls\('m'\)\[-1\]"):
+            weights, note = maps.display("m")
+        assert torch.equal(weights, maps.calls("m")[-1])
+        assert note == f"last of {len(shapes)} calls"
+
+
+def test_concat_by_hand_and_display_of_one_call() -> None:
+    first = torch.tensor([[[[1.0, 0.0], [0.25, 0.75]]]])
+    step = torch.tensor([[[[0.2, 0.3, 0.5]]]])
+    maps = AttentionMaps.from_tensors({"d": [first, step], "e": first}, kinds="causal")
+    expected = torch.tensor([[1.0, 0.0, 0.0], [0.25, 0.75, 0.0], [0.2, 0.3, 0.5]])
+    assert torch.equal(maps.concat("d")[0, 0], expected)
+    weights, note = maps.display("e")
+    assert torch.equal(weights, first) and note == ""
+    assert maps.labels("d") == (None, None)
+    labelled = maps.select(include="d").with_tokens(["a", "b", "c"])  # fit the joined map
+    assert labelled.labels("d") == (["a", "b", "c"], ["a", "b", "c"])
+
+
 def test_header_is_plain_json(tmp_path: Path, captured: AttentionMaps) -> None:
     raw = captured.save(tmp_path / "c.safetensors").read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])

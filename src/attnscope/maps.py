@@ -8,11 +8,13 @@ Token labels are optional. The object holds tensors and strings only, never the 
 from __future__ import annotations
 
 import difflib
+import itertools
 import json
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -29,6 +31,13 @@ FORMAT = "attnscope.maps"
 FORMAT_VERSION = 1
 
 Tokens = list[str] | list[list[str]]
+
+
+class Displayed(NamedTuple):
+    """What a view or figure shows for one module (``AttentionMaps.display``)."""
+
+    weights: Tensor  # (batch, heads, query, key)
+    note: str  # which calls these are, "" for a module called once
 
 
 class AttentionMaps:
@@ -129,10 +138,15 @@ class AttentionMaps:
         self._check_name(name)
         calls = self._calls[name]
         if len(calls) > 1:
+            how = (
+                f", or attn.concat({name!r}) to join the steps of incremental decoding"
+                if self.incremental(name)
+                else f" (attn.calls({name!r})[-1] for the last): they are not incremental "
+                f"steps, so attn.concat({name!r}) refuses them"
+            )
             raise AttnScopeError(
                 f"{name!r} was called {len(calls)} times in this capture; use "
-                f"attn.calls({name!r}) for each call, or attn.concat({name!r}) to join the "
-                "steps of incremental decoding"
+                f"attn.calls({name!r}) for each call{how}"
             )
         return _resolve(calls[0])
 
@@ -161,10 +175,87 @@ class AttentionMaps:
         for name in self.names:
             yield name, self[name]
 
+    def incremental(self, name: str) -> bool:
+        """Whether the calls of ``name`` are the steps of incremental decoding (``concat``).
+
+        A module called once is. Otherwise each call's key count must be the previous call's
+        key count plus its own query count, as with a KV cache (the new queries see the cached
+        keys and themselves); a cross-attention module may instead see the same keys at every
+        call (the encoder's), as long as its query counts do not grow at every call. A loop
+        that re-runs the whole prefix at each step (no cache) is not incremental, nor are
+        calls on separate inputs of other lengths.
+
+        >>> step = [torch.ones(1, 1, 2, 2) / 2, torch.ones(1, 1, 1, 3) / 3]
+        >>> rerun = [torch.ones(1, 1, 2, 2) / 2, torch.ones(1, 1, 3, 3) / 3]
+        >>> maps = AttentionMaps.from_tensors({"cached": step, "rerun": rerun}, kinds="causal")
+        >>> maps.incremental("cached"), maps.incremental("rerun")
+        (True, False)
+        """
+        self._check_name(name)
+        return self._not_incremental(name) is None
+
+    def _not_incremental(self, name: str) -> str | None:
+        """Why the calls of ``name`` are not incremental decoding, or None when they are."""
+        shapes = [tuple(w.shape) for w in self._calls[name]]
+        steps = list(itertools.pairwise(shapes))
+        cached = all(after[3] == before[3] + after[2] for before, after in steps)
+        if self._kinds[name] == "cross" and not cached:
+            # the same keys (the encoder's) at every call; a cached nn.MultiheadAttention,
+            # "cross" because its query is not its key, passed as cached already
+            for index, shape in enumerate(shapes):
+                if shape[3] != shapes[0][3]:
+                    return f"call {index} has {shape[3]} keys, call 0 {shapes[0][3]}"
+            if steps and all(after[2] > before[2] for before, after in steps):
+                return (
+                    "every call has more queries than the one before "
+                    f"({', '.join(str(s[2]) for s in shapes)}): each re-ran the queries so far"
+                )
+            return None
+        for index, (before, after) in enumerate(steps, start=1):
+            if after[3] != before[3] + after[2]:
+                return (
+                    f"call {index} has {after[3]} keys, not {before[3]} + {after[2]} (the "
+                    "previous call's keys plus its own queries, as with a KV cache): it re-ran "
+                    "the sequence so far, or another input"
+                )
+        return None
+
+    def display(self, name: str, *, warn: bool = True) -> Displayed:
+        """What views and figures show for ``name``: ``(weights, note)``.
+
+        One call: that call (note ""). Incremental calls: ``concat(name)``. Other repeated
+        calls (a loop re-running the whole prefix at every step, a module called on several
+        inputs): the last call, ``calls(name)[-1]``, and a warning unless ``warn=False``; the
+        note says which it is, for a figure's title.
+
+        >>> calls = [torch.ones(1, 1, 1, 1), torch.ones(1, 1, 2, 2) / 2]
+        >>> maps = AttentionMaps.from_tensors({"dec": calls}, kinds="causal")
+        >>> weights, note = maps.display("dec", warn=False)
+        >>> tuple(weights.shape), note
+        ((1, 1, 2, 2), 'last of 2 calls')
+        """
+        self._check_name(name)
+        calls = self._calls[name]
+        if len(calls) == 1:
+            return Displayed(_resolve(calls[0]), "")
+        why = self._not_incremental(name)
+        if why is None:
+            return Displayed(self.concat(name), f"{len(calls)} incremental calls joined")
+        if warn:
+            warnings.warn(
+                f"{name!r} was called {len(calls)} times and the calls are not incremental "
+                f"decoding ({why}); showing the last call, attn.calls({name!r})[-1]",
+                UserWarning,
+                stacklevel=2,
+            )
+        return Displayed(_resolve(calls[-1]), f"last of {len(calls)} calls")
+
     def concat(self, name: str) -> Tensor:
         """Join the calls of incremental decoding into (batch, heads, all queries, all keys).
 
         Call ``i`` fills its queries' rows and its first keys; keys that did not exist yet are 0.
+        Calls that are not incremental (see ``incremental``), such as a greedy loop that re-runs
+        the whole prefix at every step, are refused: their last call is the whole sequence.
 
         >>> first = torch.ones(1, 1, 2, 2) / 2
         >>> step = torch.ones(1, 1, 1, 3) / 3
@@ -173,6 +264,14 @@ class AttentionMaps:
                 [0.5000, 0.5000, 0.0000],
                 [0.3333, 0.3333, 0.3333]])
         """
+        self._check_name(name)
+        why = self._not_incremental(name)
+        if why is not None:
+            raise AttnScopeError(
+                f"the {len(self._calls[name])} calls of {name!r} are not incremental decoding: "
+                f"{why}. Use attn.calls({name!r})[-1] for the last call (the whole sequence, "
+                f"when each call re-ran the prefix), or attn.calls({name!r}) for each call"
+            )
         calls = self.calls(name)
         batch, heads = calls[0].shape[:2]
         for weights in calls:
@@ -324,15 +423,16 @@ class AttentionMaps:
         return self._tokens, self._tokens
 
     def _shape(self, name: str) -> tuple[int, ...]:
-        """The shape of ``name``'s map (its concat when called several times), computing nothing."""
+        """The shape of what ``display`` shows for ``name``, computing nothing."""
         shapes = [tuple(w.shape) for w in self._calls[name]]
         if len(shapes) == 1:
             return shapes[0]
+        if self._not_incremental(name) is not None:
+            return shapes[-1]
         return (*shapes[0][:2], sum(x[2] for x in shapes), max(x[3] for x in shapes))
 
     def _single(self, name: str) -> Tensor:
-        calls = self.calls(name)
-        return calls[0] if len(calls) == 1 else self.concat(name)
+        return self.display(name).weights
 
     # -- interop ----------------------------------------------------------------------------
 

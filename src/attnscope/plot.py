@@ -1,14 +1,32 @@
 """Static matplotlib figures of ``AttentionMaps`` (extra ``attnscope[plot]``).
 
 Figures are built with ``matplotlib.figure.Figure`` directly: no pyplot state, no window, never
-``show()``; save them with ``fig.savefig(path)``. Labels are thinned on long sequences, and
-padded positions (all-zero query rows, and keys no query attends to in self-attention) are
-greyed out.
+``show()``; save them with ``fig.savefig(path)``. Every map has a colour bar and token ticks on
+both axes (thinned on long sequences; in a grid, on its outer axes); padded positions
+(all-zero query rows, and keys no query attends to in self-attention) are greyed out.
+
+Options shared by ``plot_head``, ``plot_heads`` and ``plot_layers``:
+
+- ``scale``: ``"head"`` (default) colours each head from 0 to its own maximum; ``"shared"``
+  one scale, 0 to the figure's maximum, to compare heads with each other; ``"fixed"`` 0 to 1;
+  a number, 0 to that number. The default is per head because attention maps differ in range
+  by an order of magnitude: a diffuse head (maximum about 0.3) is a flat wash on a 0-1 scale,
+  while its colour bar still gives every value.
+- ``cmap``: a matplotlib colour map or its name (default ``"Blues"``).
+- ``transpose``: queries on x and keys on y (default: queries on y, as rows of the matrix).
+- ``head_labels``: how heads are titled: None gives "head 0", "head 1", ...; an int is the
+  number of the first head (``head_labels=1`` numbers them from 1); a sequence of str or a
+  function of the head index gives the titles. ``head`` arguments stay 0-based indices.
+
+A module called several times in the capture is shown as ``AttentionMaps.display`` chooses:
+incremental decoding joined (``concat``), any other repetition its last call, with a warning,
+and the figure's title says which.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -19,10 +37,14 @@ from .maps import AttentionMaps
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
+    from matplotlib.colors import Colormap
     from matplotlib.figure import Figure
 
 MAX_LABELS = 40
 _PADDING_COLOR = (0.82, 0.82, 0.82, 0.85)
+SCALES = ("head", "shared", "fixed")
+
+HeadLabels = Sequence[str] | Callable[[int], str] | int | None
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -33,11 +55,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
-def _single(attn: AttentionMaps, name: str, batch: int) -> Tensor:
-    weights = attn._single(name)
+def _shown(attn: AttentionMaps, name: str, batch: int) -> tuple[Tensor, str]:
+    """(heads, query, key) float32 CPU weights of one batch item, and the display note."""
+    weights, note = attn.display(name)
     if not 0 <= batch < weights.size(0):
         raise AttnScopeError(f"batch={batch} but {name!r} has {weights.size(0)} batch items")
-    return weights[batch].detach().to("cpu", torch.float32)
+    return weights[batch].detach().to("cpu", torch.float32), note
 
 
 def padded_positions(weights: Tensor, kind: str) -> tuple[Tensor, Tensor]:
@@ -53,6 +76,44 @@ def padded_positions(weights: Tensor, kind: str) -> tuple[Tensor, Tensor]:
     return rows, cols
 
 
+def _head_title(head_labels: HeadLabels, head: int, heads: int) -> str:
+    if head_labels is None:
+        return f"head {head}"
+    if isinstance(head_labels, int):
+        return f"head {head + head_labels}"
+    if callable(head_labels):
+        return str(head_labels(head))
+    if isinstance(head_labels, str) or len(head_labels) < heads:
+        raise AttnScopeError(
+            f"head_labels must give one label per head ({heads}), e.g. head_labels=1 to number "
+            "heads from 1"
+        )
+    return str(head_labels[head])
+
+
+def _check_options(scale: str | float, transpose: bool) -> None:
+    if isinstance(scale, str):
+        if scale not in SCALES:
+            raise AttnScopeError(f"scale must be one of {SCALES} or a number, got {scale!r}")
+    elif not isinstance(scale, int | float) or isinstance(scale, bool) or not scale > 0:
+        raise AttnScopeError(f"a fixed scale must be a positive number, got {scale!r}")
+    if not isinstance(transpose, bool):
+        raise AttnScopeError(f"transpose must be True or False, got {transpose!r}")
+
+
+def _vmax(scale: str | float, head: Tensor, figure_max: float) -> float:
+    """The top of the colour scale for one head's map."""
+    if scale == "head":
+        top = float(head.max()) if head.numel() else 0.0
+    elif scale == "shared":
+        top = figure_max
+    elif scale == "fixed":
+        top = 1.0
+    else:
+        top = float(scale)
+    return top if top > 0 else 1.0  # an all-zero map (all padding) still gets a scale
+
+
 def _ticks(ax: Axes, labels: list[str] | None, size: int, axis: str, max_labels: int) -> None:
     step = max(1, math.ceil(size / max_labels))
     positions = list(range(0, size, step))
@@ -63,95 +124,213 @@ def _ticks(ax: Axes, labels: list[str] | None, size: int, axis: str, max_labels:
         ax.set_yticks(positions, texts, fontsize=7)
 
 
-def _draw(ax: Axes, matrix: Tensor, rows: Tensor, cols: Tensor, vmax: float | None = None) -> Any:
-    image = ax.imshow(
-        matrix.numpy(),
-        cmap="Blues",
-        vmin=0.0,
-        vmax=vmax or 1.0,
-        interpolation="nearest",
-        aspect="auto",
+class _Panel:
+    """One module's map as drawn: axes swapped when transposed, labels and padding along."""
+
+    def __init__(
+        self, attn: AttentionMaps, name: str, batch: int, transpose: bool, max_labels: int
+    ) -> None:
+        self.kind = attn.kind(name)
+        self.weights, self.note = _shown(attn, name, batch)
+        self.rows, self.cols = padded_positions(self.weights, self.kind)
+        query_labels, key_labels = attn.labels(name, batch)
+        cross = self.kind == "cross"
+        query_axis = "query" + (" (decoder)" if cross else "")
+        key_axis = "key" + (" (encoder)" if cross else "")
+        queries, keys = self.weights.size(1), self.weights.size(2)
+        # (labels, size, axis title) along x, then along y
+        self.x = (key_labels, keys, key_axis)
+        self.y = (query_labels, queries, query_axis)
+        self.transpose = transpose
+        if transpose:
+            self.x, self.y = self.y, self.x
+        self.max_labels = max_labels
+
+    @property
+    def heads(self) -> int:
+        return self.weights.size(0)
+
+    def title(self, name: str) -> str:
+        return f"{name} ({self.kind})" + (f", {self.note}" if self.note else "")
+
+    def draw(self, ax: Axes, head: int, cmap: Any, vmax: float) -> Any:
+        matrix = self.weights[head]
+        shade = torch.zeros(*matrix.shape, 4)
+        shade[self.rows] = torch.tensor(_PADDING_COLOR)
+        shade[:, self.cols] = torch.tensor(_PADDING_COLOR)
+        if self.transpose:
+            matrix, shade = matrix.t(), shade.transpose(0, 1)
+        image = ax.imshow(
+            matrix.numpy(),
+            cmap=cmap,
+            vmin=0.0,
+            vmax=vmax,
+            interpolation="nearest",
+            aspect="auto",
+        )
+        if bool(self.rows.any() or self.cols.any()):
+            ax.imshow(shade.numpy(), interpolation="nearest", aspect="auto")
+        return image
+
+    def ticks(self, ax: Axes, x: bool, y: bool, max_labels: int | None = None) -> None:
+        limit = max_labels or self.max_labels
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if x:
+            _ticks(ax, self.x[0], self.x[1], "x", limit)
+        if y:
+            _ticks(ax, self.y[0], self.y[1], "y", limit)
+
+    def axis_titles(self, ax: Axes, x: bool = True, y: bool = True, size: float = 9) -> None:
+        if x:
+            ax.set_xlabel(self.x[2], fontsize=size)
+        if y:
+            ax.set_ylabel(self.y[2], fontsize=size)
+
+
+def _colorbar(fig: Figure, image: Any, ax: Any, small: bool = False) -> None:
+    bar = fig.colorbar(
+        image,
+        ax=ax,
+        shrink=0.8 if not small else 0.9,
+        fraction=0.15 if not small else 0.08,
+        label=None if small else "attention weight",
     )
-    shade = torch.zeros(*matrix.shape, 4)
-    shade[rows] = torch.tensor(_PADDING_COLOR)
-    shade[:, cols] = torch.tensor(_PADDING_COLOR)
-    if bool(rows.any() or cols.any()):
-        ax.imshow(shade.numpy(), interpolation="nearest", aspect="auto")
-    return image
+    if small:
+        bar.ax.tick_params(labelsize=6)
 
 
 def plot_head(
-    attn: AttentionMaps, name: str, head: int = 0, *, batch: int = 0, max_labels: int = MAX_LABELS
+    attn: AttentionMaps,
+    name: str,
+    head: int = 0,
+    *,
+    batch: int = 0,
+    max_labels: int = MAX_LABELS,
+    cmap: str | Colormap = "Blues",
+    scale: str | float = "head",
+    transpose: bool = False,
+    head_labels: HeadLabels = None,
 ) -> Figure:
-    """One head as a labelled heatmap with a colour bar."""
-    weights = _single(attn, name, batch)
-    if not 0 <= head < weights.size(0):
-        raise AttnScopeError(f"{name!r} has {weights.size(0)} heads; head={head} is out of range")
-    rows, cols = padded_positions(weights, attn.kind(name))
-    query_labels, key_labels = attn.labels(name, batch)
+    """One head (0-based index ``head``) as a labelled heatmap with a colour bar.
+
+    See the module's note for ``cmap``, ``scale`` (default: per head), ``transpose`` and
+    ``head_labels``.
+
+    >>> maps = AttentionMaps.from_tensors({"enc": torch.softmax(torch.randn(1, 2, 4, 4), -1)})
+    >>> fig = plot_head(maps, "enc", 1, transpose=True, head_labels=1, cmap="viridis")
+    >>> fig.axes[0].get_title(), fig.axes[0].get_xlabel()
+    ('enc (self), head 2', 'query')
+    """
+    _check_options(scale, transpose)
+    panel = _Panel(attn, name, batch, transpose, max_labels)
+    if not 0 <= head < panel.heads:
+        raise AttnScopeError(f"{name!r} has {panel.heads} heads; head={head} is out of range")
     fig = _figure(7, 6)
     ax = fig.add_subplot()
-    image = _draw(ax, weights[head], rows, cols)
-    _ticks(ax, key_labels, weights.size(2), "x", max_labels)
-    _ticks(ax, query_labels, weights.size(1), "y", max_labels)
-    ax.set_xlabel("key" + (" (encoder)" if attn.kind(name) == "cross" else ""))
-    ax.set_ylabel("query" + (" (decoder)" if attn.kind(name) == "cross" else ""))
-    ax.set_title(f"{name} ({attn.kind(name)}), head {head}", fontsize=9)
-    fig.colorbar(image, ax=ax, shrink=0.8, label="attention weight")
+    top = _vmax(scale, panel.weights[head], float(panel.weights.max()))
+    image = panel.draw(ax, head, cmap, top)
+    panel.ticks(ax, x=True, y=True)
+    panel.axis_titles(ax)
+    ax.set_title(f"{panel.title(name)}, {_head_title(head_labels, head, panel.heads)}", fontsize=9)
+    _colorbar(fig, image, ax)
     return fig
 
 
 def plot_heads(
-    attn: AttentionMaps, name: str, *, batch: int = 0, max_labels: int = MAX_LABELS
+    attn: AttentionMaps,
+    name: str,
+    *,
+    batch: int = 0,
+    max_labels: int = MAX_LABELS,
+    cmap: str | Colormap = "Blues",
+    scale: str | float = "head",
+    transpose: bool = False,
+    head_labels: HeadLabels = None,
 ) -> Figure:
-    """Every head of one module in a grid, with token labels on the outer axes."""
-    weights = _single(attn, name, batch)
-    heads = weights.size(0)
+    """Every head of one module in a grid, with token labels on the outer axes.
+
+    Each head has its own colour bar with ``scale="head"`` (the default), the figure one
+    otherwise. See the module's note for the options.
+    """
+    _check_options(scale, transpose)
+    panel = _Panel(attn, name, batch, transpose, max_labels)
+    heads = panel.heads
     columns = math.ceil(math.sqrt(heads))
     lines = math.ceil(heads / columns)
-    rows, cols = padded_positions(weights, attn.kind(name))
-    query_labels, key_labels = attn.labels(name, batch)
-    fig = _figure(2.6 * columns + 1, 2.6 * lines + 1)
+    fig = _figure(2.9 * columns + 1, 2.6 * lines + 1)
     axes = fig.subplots(lines, columns, squeeze=False)
     thin = max(8, max_labels // max(columns, lines))
+    figure_max = float(panel.weights.max())
+    image = None
     for index, ax in enumerate(axes.flat):
         if index >= heads:
             ax.set_axis_off()
             continue
-        _draw(ax, weights[index], rows, cols)
-        ax.set_title(f"head {index}", fontsize=8)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        if index // columns == lines - 1 or index + columns >= heads:
-            _ticks(ax, key_labels, weights.size(2), "x", thin)
-        if index % columns == 0:
-            _ticks(ax, query_labels, weights.size(1), "y", thin)
-    fig.suptitle(f"{name} ({attn.kind(name)})", fontsize=10)
+        image = panel.draw(ax, index, cmap, _vmax(scale, panel.weights[index], figure_max))
+        ax.set_title(_head_title(head_labels, index, heads), fontsize=8)
+        bottom = index // columns == lines - 1 or index + columns >= heads
+        left = index % columns == 0
+        panel.ticks(ax, x=bottom, y=left, max_labels=thin)
+        panel.axis_titles(ax, x=bottom, y=left, size=8)
+        if scale == "head":
+            _colorbar(fig, image, ax, small=True)
+    if scale != "head" and image is not None:
+        _colorbar(fig, image, [a for a in axes.flat if a.images])
+    fig.suptitle(panel.title(name), fontsize=10)
     return fig
 
 
-def plot_layers(attn: AttentionMaps, *, kind: str | None = None, batch: int = 0) -> Figure:
-    """A grid of modules (rows) by heads (columns): the model at a glance."""
+def plot_layers(
+    attn: AttentionMaps,
+    *,
+    kind: str | None = None,
+    batch: int = 0,
+    max_labels: int = 12,
+    cmap: str | Colormap = "Blues",
+    scale: str | float = "head",
+    transpose: bool = False,
+    head_labels: HeadLabels = None,
+) -> Figure:
+    """A grid of modules (rows) by heads (columns): the model at a glance.
+
+    Token ticks (at most ``max_labels`` per axis) label the first column of every row and the
+    bottom of every block of rows that share their keys. Each map has a small colour bar with
+    ``scale="head"`` (the default), the figure one otherwise. See the module's note.
+    """
+    _check_options(scale, transpose)
     maps = attn.select(kind=kind) if kind is not None else attn
     names = maps.names
-    heads = max(_single(maps, n, batch).size(0) for n in names)
-    fig = _figure(1.2 * heads + 2.5, 1.2 * len(names) + 0.8)
+    panels = [_Panel(maps, n, batch, transpose, max_labels) for n in names]
+    heads = max(panel.heads for panel in panels)
+    fig = _figure(1.6 * heads + 2.8, 1.5 * len(names) + 1.2)
     axes = fig.subplots(len(names), heads, squeeze=False)
-    for row, name in enumerate(names):
-        weights = _single(maps, name, batch)
-        padded_rows, padded_cols = padded_positions(weights, maps.kind(name))
+    figure_max = max(float(panel.weights.max()) for panel in panels)
+    image = None
+    for row, (name, panel) in enumerate(zip(names, panels, strict=True)):
+        below = panels[row + 1] if row + 1 < len(panels) else None
+        # x ticks wherever the row below does not share this row's x axis
+        x_ticks = below is None or below.x[:2] != panel.x[:2]
         for head in range(heads):
             ax = axes[row][head]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if head >= weights.size(0):
+            if head >= panel.heads:
                 ax.set_axis_off()
                 continue
-            _draw(ax, weights[head], padded_rows, padded_cols)
+            top = _vmax(scale, panel.weights[head], figure_max)
+            image = panel.draw(ax, head, cmap, top)
+            panel.ticks(ax, x=x_ticks, y=head == 0)
+            for label in ax.get_xticklabels() + ax.get_yticklabels():
+                label.set_fontsize(5)
             if row == 0:
-                ax.set_title(f"head {head}", fontsize=7)
-        axes[row][0].set_ylabel(name, fontsize=6, rotation=0, ha="right", va="center")
-    fig.suptitle(f"attention by layer and head ({kind or 'all kinds'})", fontsize=10)
+                ax.set_title(_head_title(head_labels, head, panel.heads), fontsize=7)
+            if scale == "head":
+                _colorbar(fig, image, ax, small=True)
+        title = name + (f" ({panel.note})" if panel.note else "")
+        axes[row][0].set_ylabel(title, fontsize=6)
+    if scale != "head" and image is not None:
+        _colorbar(fig, image, [a for a in axes.flat if a.images])
+    axis = "x: query, y: key" if transpose else "x: key, y: query"
+    fig.suptitle(f"attention by layer and head ({kind or 'all kinds'}; {axis})", fontsize=10)
     return fig
 
 

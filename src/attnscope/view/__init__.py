@@ -219,7 +219,7 @@ def page_data(
     """The page's data: quantised maps, thumbnails, labels, and what was left out."""
     _check(attn, batch, max_bytes, exact_bytes)
     wanted = None if full_heads is None else _full_heads(attn, full_heads)
-    tensors = {name: attn._single(name) for name in attn.names}
+    tensors = {name: attn.display(name).weights for name in attn.names}
     sizes = {name: w.size(1) * w.size(2) * w.size(3) for name, w in tensors.items()}
     total = sum(sizes.values())
     fits = total * 4 // 3 <= max_bytes
