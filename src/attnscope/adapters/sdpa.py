@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from .. import pool
 from ..errors import AttnScopeError
 from ..intercept import Proceed, Replacement, observe
+from ..padded_rows import blank_rows, padding_of, query_padding
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from .base import AttentionCall, Recorder
 
@@ -210,6 +211,8 @@ class SdpaAdapter:
         keep: Callable[[str], bool] = lambda name: True,
     ) -> None:
         session = _SdpaSession(model, selected, recorder, keep)
+        if session.padding_scopes:
+            observe(model, session.observe_model, stack)
         for module in selected.values():
             observe(module, session.observe_attention_module, stack)
         _hold(session, stack)
@@ -218,9 +221,10 @@ class SdpaAdapter:
 class _Frame:
     """One running call of an observed attention module."""
 
-    def __init__(self, module: nn.Module, cross: bool) -> None:
+    def __init__(self, module: nn.Module, cross: bool, mask: Tensor | None = None) -> None:
         self.module = module
         self.cross = cross
+        self.mask = mask  # the 4-D mask an eager implementation was given, if any
         self.recorded = 0
 
 
@@ -239,6 +243,8 @@ class _SdpaSession:
         self.thread = threading.get_ident()
         self.running: list[_Frame] = []
         self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
+        self.padding_scopes = _padding_scopes(model, self.names)
+        self.paddings: list[tuple[str, Tensor]] = []  # (scope, padding) while the model runs
 
     def on_sdpa(
         self, callers: Iterable[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -254,7 +260,16 @@ class _SdpaSession:
         if self.recorder.keep:
             call.own_inference_tensors()
         known = self.kinds.get(id(module))
-        attention = sdpa_call(call, module, cross=frame is not None and frame.cross, kind=known)
+        batch, keys = call.query.size(0), call.key.size(-2)
+        queries = call.query.size(-2)
+        padded = self._padded_queries(name, batch, queries, keys) if call.query.dim() == 4 else None
+        attention = sdpa_call(
+            call,
+            module,
+            cross=frame is not None and frame.cross,
+            kind=known,
+            padded_queries=padded,
+        )
         self.kinds[id(module)] = attention.kind
         self.recorder.record(name, attention)
         if frame is not None:
@@ -266,7 +281,8 @@ class _SdpaSession:
         cross = any(kwargs.get(k) is not None for k in _CROSS_KWARGS) or bool(
             getattr(module, "is_cross_attention", False)
         )
-        frame = _Frame(module, cross)
+        mask = kwargs.get("attention_mask")
+        frame = _Frame(module, cross, mask if isinstance(mask, Tensor) else None)
         self.running.append(frame)
         try:
             output = proceed()
@@ -296,10 +312,71 @@ class _SdpaSession:
             if frame.cross
             else ("causal" if getattr(module, "is_causal", False) else "self")
         )
-        if kind != "cross" and weights.size(-1) == weights.size(-2):
-            # keys no query may see (padding) have all-zero columns; their query rows are padding
-            weights = _zero_padding_rows(weights, weights == 0)
+        batch, _, queries, keys = weights.shape
+        padded = None if kind == "cross" else self._padded_queries(name, batch, queries, keys)
+        weights = blank_rows(weights, _hidden(frame.mask), padded)
         self.recorder.record(name, AttentionCall.of_weights(kind, weights))
+
+    def _padded_queries(self, name: str, batch: int, queries: int, keys: int) -> Tensor | None:
+        """The model's own word on which of this call's queries are padding (its 2-D
+        ``attention_mask``, for the modules it applies to), or None."""
+        for scope, padding in reversed(self.paddings):
+            if not scope or name == scope or name.startswith(scope + "."):
+                return query_padding(padding, batch, queries, keys)
+        return None
+
+    def observe_model(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
+    ) -> Any:
+        """Note the padding masks the model is called with while it runs."""
+        given = _arguments(type(module).forward, (module, *args), kwargs)
+        noted = [
+            (scope, padding)
+            for argument, scope in self.padding_scopes.items()
+            if (padding := padding_of(given.get(argument))) is not None
+        ]
+        self.paddings.extend(noted)
+        try:
+            return proceed()
+        finally:
+            del self.paddings[len(self.paddings) - len(noted) :]
+
+
+def _padding_scopes(model: nn.Module, names: dict[int, str]) -> dict[str, str]:
+    """Which of a Hugging Face model's arguments says which modules' padding: its
+    ``attention_mask`` covers every module, or, in an encoder-decoder, the encoder's, and its
+    ``decoder_attention_mask`` the decoder's (by module-name prefix)."""
+    config = getattr(model, "config", None)
+    if config is None or "attention_mask" not in _signature(type(model).forward).parameters:
+        return {}
+    if not getattr(config, "is_encoder_decoder", False):
+        return {"attention_mask": ""}
+    scopes = {}
+    for argument, getter in (
+        ("attention_mask", "get_encoder"),
+        ("decoder_attention_mask", "get_decoder"),
+    ):
+        try:
+            part = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if isinstance(part, nn.Module) and id(part) in names and names[id(part)]:
+            scopes[argument] = names[id(part)]
+    return scopes
+
+
+@functools.lru_cache(maxsize=256)
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def _arguments(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        return dict(_signature(function).bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return dict(kwargs)
 
 
 def _implementation(module: nn.Module) -> str | None:
@@ -325,8 +402,10 @@ def sdpa_call(
     *,
     cross: bool = False,
     kind: str | None = None,
+    padded_queries: Tensor | None = None,
 ) -> AttentionCall:
-    """The kind, (batch, heads, query, key) shape and recompute of one sdpa call's weights."""
+    """The kind, (batch, heads, query, key) shape and recompute of one sdpa call's weights;
+    rows as ``padded_rows`` says (``padded_queries``: (batch or 1, query), True at padding)."""
     query, key = call.query, call.key
     if query.dim() == 3:
         query, key = query.unsqueeze(1), key.unsqueeze(1)
@@ -356,7 +435,8 @@ def sdpa_call(
         else:
             kind = "self"
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
-    zero_padding = hidden is not None and kind != "cross" and queries == keys and not packed
+    if kind == "cross" or packed:
+        padded_queries = None
     is_causal = call.is_causal
 
     def compute(rows: Tensor | None = None) -> Tensor:
@@ -378,10 +458,7 @@ def sdpa_call(
             if packed:
                 weights = weights.reshape(batch, heads, 1, keys)
                 return weights if rows is None else weights[:, :, rows]
-            if zero_padding:
-                assert hidden is not None
-                weights = _zero_padding_rows(weights, hidden, rows)
-            return weights
+            return blank_rows(weights, _hidden(m), padded_queries, rows)
 
     held = tuple(t for t in (query, key, mask) if t is not None)
     return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held)
@@ -410,19 +487,3 @@ def _hidden(mask: Tensor | None) -> Tensor | None:
     if mask.dtype == torch.bool:
         return ~mask
     return mask <= torch.finfo(mask.dtype).min / 2
-
-
-def _zero_padding_rows(weights: Tensor, hidden: Tensor, rows: Tensor | None = None) -> Tensor:
-    """Zero the rows of padded queries: positions whose key column is hidden from every query.
-
-    ``hidden`` covers every query; ``weights`` has the query positions ``rows`` (all if None).
-    """
-    while hidden.dim() < 4:
-        hidden = hidden.unsqueeze(0)
-    keys = weights.size(-1)
-    hidden = hidden.expand(*hidden.shape[:-2], hidden.size(-2), keys)
-    padding = hidden.all(dim=-2).all(dim=1)  # (batch or 1, keys)
-    if not bool(padding.any()):
-        return weights
-    positions = padding if rows is None else padding[:, rows]
-    return weights.masked_fill(positions.view(positions.size(0), 1, -1, 1), 0.0)

@@ -1,0 +1,81 @@
+"""Rows that carry no information, one convention for every path: zeros, never NaN.
+
+A query row of a map is zero when, and only when,
+
+- every key is hidden from that query by the mask the kernel was given (a fully masked row:
+  PyTorch's slow path gives NaN there, an eager Hugging Face model a uniform row, since it
+  adds the dtype's minimum instead of ``-inf``), or
+- the model was told that the query is padding: a Hugging Face model's ``attention_mask``
+  (batch, keys), 0 at padded positions, for self and causal attention; PyTorch's
+  ``key_padding_mask`` of a self-attention.
+
+A key hidden from every query does not make its query row padding: a mask may hide key 0
+from everyone while query 0 is real. So sdpa, eager and PyTorch's own kernels give the same
+map for the same model, padded or not, left or right.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+
+def padding_of(attention_mask: object) -> Tensor | None:
+    """(batch, length) bool, True at padding, from a Hugging Face style 2-D mask (1 = keep).
+
+    >>> import torch
+    >>> padding_of(torch.tensor([[1, 1, 0]]))
+    tensor([[False, False,  True]])
+    >>> padding_of(torch.ones(1, 1, 3, 3)) is None  # a 4-D mask says nothing of padding
+    True
+    """
+    if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
+        return None
+    return attention_mask == 0
+
+
+def query_padding(padding: Tensor | None, batch: int, queries: int, keys: int) -> Tensor | None:
+    """The padding of ``queries`` query positions that are the last of ``keys`` positions (a
+    KV cache's step: its queries come after the cached keys), as (batch or 1, queries), when
+    ``padding`` covers exactly those keys."""
+    if padding is None or padding.size(-1) != keys or padding.size(0) not in (1, batch):
+        return None
+    if queries > keys:
+        return None
+    return padding[:, keys - queries :]
+
+
+def blank_rows(
+    weights: Tensor,
+    hidden: Tensor | None = None,
+    padded_queries: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """``weights`` (batch, heads, query, key) with the convention's rows set to zero.
+
+    ``hidden`` (bool, True = hidden, broadcasting to the weights) is the mask for the query
+    rows the weights have; ``padded_queries`` (batch or 1, all queries) marks padding, of which
+    ``rows`` picks the weights' query positions (all if None).
+
+    >>> import torch
+    >>> w = torch.full((1, 1, 2, 2), 0.5)
+    >>> hidden = torch.tensor([[False, False], [True, True]])  # query 1 sees no key
+    >>> blank_rows(w, hidden)[0, 0]
+    tensor([[0.5000, 0.5000],
+            [0.0000, 0.0000]])
+    >>> blank_rows(w, torch.tensor([[True, False], [True, False]]))[0, 0]  # key 0 hidden: kept
+    tensor([[0.5000, 0.5000],
+            [0.5000, 0.5000]])
+    """
+    blank: Tensor | None = None
+    if hidden is not None:
+        blank = hidden.all(dim=-1)  # (..., query): every key hidden
+        while blank.dim() < 3:
+            blank = blank.unsqueeze(0)
+        blank = blank[..., None]
+    if padded_queries is not None:
+        picked = padded_queries if rows is None else padded_queries[:, rows]
+        padded = picked[:, None, :, None]
+        blank = padded if blank is None else blank | padded
+    if blank is None or not bool(blank.any()):
+        return weights
+    return weights.masked_fill(blank, 0.0)
