@@ -14,7 +14,7 @@ import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeGuard
 
 import torch
 from torch import Tensor
@@ -517,42 +517,143 @@ def load(path: str | os.PathLike[str], *, memory_map: bool = False) -> Attention
     """Read a capture written by ``AttentionMaps.save`` (or a ``spill=`` folder); never unpickles.
 
     A spill folder, and a file with ``memory_map=True``, are mapped, not read: weights stay on
-    disk until used.
+    disk until used. Every field is checked against the others (names, kinds, calls, shapes,
+    rows, labels): a damaged or foreign file raises ``AttnScopeError`` naming it.
     """
-    folder = Path(path)
-    if folder.is_dir():
-        if not (folder / "index.json").is_file():
-            raise AttnScopeError(f"{path} is a folder without index.json: not a spilled capture")
-        maps = AttentionMaps()
-        for name, kind, weights in read_spill(folder):
+    source = Path(path)
+    if source.is_dir():
+        return _load_spill(source)
+    tensors, metadata = read_safetensors(source, memory_map=memory_map)
+    header = _capture_header(source, metadata)
+    try:
+        return _maps_from_header(header, tensors)
+    except AttnScopeError as error:
+        raise AttnScopeError(
+            f"{source}: attnscope metadata is damaged ({error}); restore the file or save the "
+            "capture again"
+        ) from None
+
+
+def _load_spill(folder: Path) -> AttentionMaps:
+    if not (folder / "index.json").is_file():
+        raise AttnScopeError(
+            f"{folder} is a folder without index.json: not a spilled capture; give a spill "
+            "folder or a .safetensors file"
+        )
+    maps = AttentionMaps()
+    for name, kind, weights in read_spill(folder):
+        try:
+            _check_floating(name, weights)
             maps._append(name, kind, weights)
-        return maps
-    tensors, metadata = read_safetensors(path, memory_map=memory_map)
+        except AttnScopeError as error:
+            raise AttnScopeError(f"{folder}: a spilled call is damaged ({error})") from None
+    return maps
+
+
+def _capture_header(source: Path, metadata: Mapping[str, str]) -> dict[str, Any]:
+    """The attnscope header of a safetensors file, its format and version checked."""
     if "attnscope" not in metadata:
         raise AttnScopeError(
-            f"{path}: a safetensors file, but not an attnscope capture (no metadata)"
+            f"{source}: a safetensors file, but not an attnscope capture (no metadata)"
         )
     try:
         header = json.loads(metadata["attnscope"])
-        if header.get("format") != FORMAT:
-            raise AttnScopeError(
-                f"{path}: not an attnscope capture (format {header.get('format')!r})"
+    except (ValueError, RecursionError) as error:
+        raise AttnScopeError(f"{source}: attnscope metadata is not valid JSON ({error})") from None
+    found = header.get("format") if isinstance(header, dict) else type(header).__name__
+    if found != FORMAT:
+        raise AttnScopeError(f"{source}: not an attnscope capture (format {found!r})")
+    version = header.get("format_version")
+    if not _is_index(version) or version < 1:
+        raise AttnScopeError(f"{source}: attnscope metadata has no format_version number")
+    if version > FORMAT_VERSION:
+        raise AttnScopeError(
+            f"{source}: written in capture format {version} by attnscope "
+            f"{header.get('attnscope_version')}; this attnscope ({__version__}) reads format "
+            f"{FORMAT_VERSION} — upgrade attnscope to read it"
+        )
+    return header
+
+
+def _maps_from_header(header: dict[str, Any], tensors: Mapping[str, Tensor]) -> AttentionMaps:
+    names = header.get("names")
+    if not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise AttnScopeError("names is not a list of strings")
+    if len(set(names)) != len(names):
+        raise AttnScopeError("names repeat")
+    kinds, calls, rows = (_field(header, key) for key in ("kinds", "calls", "rows"))
+    if set(rows) - set(names):
+        raise AttnScopeError(f"rows name modules not in names: {sorted(set(rows) - set(names))}")
+    maps = AttentionMaps()
+    for name in names:
+        keys, name_rows = calls.get(name), rows.get(name)
+        if not (isinstance(keys, list) and keys and all(isinstance(k, str) for k in keys)):
+            raise AttnScopeError(f"the calls of {name!r} are not a list of tensor names")
+        if name_rows is not None and not (
+            isinstance(name_rows, list)
+            and name_rows
+            and all(_is_index(r, signed=True) for r in name_rows)
+        ):
+            raise AttnScopeError(f"the rows of {name!r} are not a list of query positions")
+        kind = kinds.get(name)
+        if not isinstance(kind, str):
+            raise AttnScopeError(f"{name!r} has no kind")
+        for key in keys:
+            if key not in tensors:
+                raise AttnScopeError(f"{name!r} has a call {key!r} that the file does not hold")
+            _check_floating(key, tensors[key])
+            maps._append(name, kind, tensors[key], rows=name_rows)
+            if name_rows is not None and tensors[key].size(2) != len(name_rows):
+                raise AttnScopeError(
+                    f"{name!r} has {len(name_rows)} rows but {tensors[key].size(2)} queries"
+                )
+    labelled = maps.with_tokens(header.get("tokens"), header.get("target_tokens"))
+    _check_rows_in_range(labelled)
+    return labelled
+
+
+def _field(header: dict[str, Any], key: str) -> dict[str, Any]:
+    value = header.get(key) or {}
+    if not isinstance(value, dict):
+        raise AttnScopeError(f"{key} is not a JSON object")
+    return value
+
+
+def _is_index(value: object, signed: bool = False) -> TypeGuard[int]:
+    # bool is an int in Python, but ``true`` where a number belongs is damage
+    return isinstance(value, int) and not isinstance(value, bool) and (signed or value >= 0)
+
+
+def _check_floating(key: str, weights: Tensor) -> None:
+    if not weights.is_floating_point():
+        raise AttnScopeError(f"{key!r} holds {weights.dtype}, not attention weights (floats)")
+
+
+def _check_rows_in_range(maps: AttentionMaps) -> None:
+    """Rows index the whole query sequence: its labels when there are labels, else (self and
+    causal maps, whose keys are that sequence) the keys; ``labels()`` relies on it."""
+    for name in maps.names:
+        rows = maps._rows.get(name)
+        if rows is None:
+            continue
+        query_labels = maps._labels_for(name)[0]
+        if query_labels is not None:
+            per_item = (
+                query_labels
+                if query_labels and isinstance(query_labels[0], list)
+                else [query_labels]
             )
-        version = int(header["format_version"])
-        if version > FORMAT_VERSION:
-            raise AttnScopeError(
-                f"{path}: written in capture format {version} by attnscope "
-                f"{header.get('attnscope_version')}; this attnscope ({__version__}) reads format "
-                f"{FORMAT_VERSION} — upgrade attnscope to read it"
-            )
-        maps = AttentionMaps()
-        rows = header.get("rows") or {}
-        for name in header["names"]:
-            for key in header["calls"][name]:
-                maps._append(name, header["kinds"][name], tensors[key], rows=rows.get(name))
-        return maps.with_tokens(header.get("tokens"), header.get("target_tokens"))
-    except (KeyError, TypeError, ValueError) as error:
-        raise AttnScopeError(f"{path}: attnscope metadata is damaged ({error!r})") from None
+            lengths = {len(labels) for labels in per_item}
+        elif maps._kinds[name] != "cross":
+            lengths = {maps._shape(name)[3]}
+        else:
+            continue  # a cross map's queries are the target sequence: nothing here bounds them
+        for length in lengths:
+            outside = [r for r in rows if not -length <= r < length]
+            if outside:
+                raise AttnScopeError(
+                    f"rows {outside[:5]} of {name!r} lie outside its {length} query positions"
+                )
 
 
 def _check_tokens(tokens: Tokens | None, what: str) -> Tokens | None:
