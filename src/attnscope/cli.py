@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from collections.abc import Sequence
 
 from ._version import __version__
 from .errors import AttnScopeError
+
+FORCE_HELP = "replace output files that already exist; without it, the command stops and names them"
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -33,7 +36,9 @@ def _demo(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from .run import run_model, summary
 
-    result = run_model(args.text, args.out, args.model, args.text_pair, args.target)
+    result = run_model(
+        args.text, args.out, args.model, args.text_pair, args.target, force=args.force
+    )
     print(summary(result))
     from .report import write_report
 
@@ -46,20 +51,37 @@ def _view(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from .maps import load
+    from .outputs import check_file, check_folder, figure_names, refuse_replacing
     from .view import view
 
+    max_bytes = _max_bytes(args.max_mb)
+    out, png = Path(args.out), None if args.png is None else Path(args.png)
+    check_file(out, "--out", "attention.html")
+    if png is not None:
+        check_folder(png, "--png")
+    if Path(args.capture).resolve() == out.resolve():
+        raise AttnScopeError(f"--out {out} is the capture itself; give another page path")
     maps = load(args.capture)
-    page = view(
-        maps, batch=args.batch, title=Path(args.capture).name, max_bytes=int(args.max_mb * 2**20)
-    )
-    out = page.save(args.out)
-    print(f"page written to {out}")
-    if args.png:
+    planned = [out, *([] if png is None else [png / name for name in figure_names(maps)])]
+    refuse_replacing(planned, args.force)
+    page = view(maps, batch=args.batch, title=Path(args.capture).name, max_bytes=max_bytes)
+    written = page.save(out)
+    print(f"page written to {written}")
+    if png is not None:
         from .plot import save_figures
 
-        for path in save_figures(maps, args.png, batch=args.batch):
+        for path in save_figures(maps, str(png), batch=args.batch):
             print(f"figure written to {path}")
     return 0
+
+
+def _max_bytes(max_mb: float) -> int:
+    """``--max-mb`` as bytes: a positive, finite size (argparse's float also takes nan, inf)."""
+    if not (math.isfinite(max_mb) and max_mb * 2**20 >= 1):
+        raise AttnScopeError(
+            f"--max-mb must be a positive number of megabytes (e.g. 64), got {max_mb}"
+        )
+    return int(max_mb * 2**20)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="decoder text for encoder-decoder models (default: start token)",
     )
     run.add_argument("--out", default="attnscope-run", help="output folder (default: %(default)s)")
+    run.add_argument("--force", action="store_true", help=FORCE_HELP)
     run.set_defaults(run=_run)
 
     show = commands.add_parser("view", help="render a saved capture as an interactive HTML page")
-    show.add_argument("capture", help="a .safetensors file written by attnscope")
+    show.add_argument("capture", help="a .safetensors file (or spill folder) written by attnscope")
     show.add_argument(
         "--out", default="attention.html", help="page to write (default: %(default)s)"
     )
@@ -118,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=64.0,
         help="size budget of the page in MB (default: %(default)s)",
     )
+    show.add_argument("--force", action="store_true", help=FORCE_HELP)
     show.set_defaults(run=_view)
     return parser
 
@@ -129,6 +153,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AttnScopeError as error:
         print(f"attnscope: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # the disk, not the input: full, read-only, permissions
+        print(f"attnscope: error: {error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("attnscope: interrupted", file=sys.stderr)
         return 130

