@@ -105,3 +105,28 @@ def test_storage_device_this_machine_lacks_is_refused_before_the_forward() -> No
     ):
         model(sequence(1, 3))
     assert calls == []
+
+
+@pytest.mark.parametrize(
+    "expected",
+    [
+        torch.arange(4),
+        torch.zeros(3, 3, dtype=torch.long),
+        [[0, 1, 2]] * 3,
+        torch.zeros(2, 3, 1, dtype=torch.long),
+        torch.tensor([True, False, True]),
+        "abc",
+    ],
+    ids=["too many queries", "too many items", "nested list", "3-D", "booleans", "text"],
+)
+def test_alignment_with_expected_of_the_wrong_shape_says_which_fit(expected: object) -> None:
+    maps = attnscope.AttentionMaps.from_tensors(
+        {"x": torch.eye(3).expand(2, 2, 3, 3)}, kinds="cross"
+    )
+    with pytest.raises(
+        AttnScopeError, match=r"give \(query,\) = \(3,\) or \(batch, query\) = \(2, 3\) key"
+    ):
+        attnscope.alignment(maps, "x", expected)  # type: ignore[arg-type]
+    assert attnscope.alignment(maps, "x", torch.arange(3)).score == 1.0
+    score = attnscope.alignment(maps, "x", torch.tensor([[0, 1, 2], [0, 1, 0]])).score
+    assert score == pytest.approx(5 / 6)

@@ -164,6 +164,27 @@ def alignment(attn: AttentionMaps, name: str, expected: Tensor | None = None) ->
     hard = weights.argmax(dim=-1).masked_fill(~valid, -1)
     score = None
     if expected is not None:
-        target = torch.as_tensor(expected).expand_as(hard)
+        target = _expected_keys(expected, hard, name)
         score = float((hard == target)[valid].float().mean()) if bool(valid.any()) else float("nan")
     return Alignment(hard, score)
+
+
+def _expected_keys(expected: Any, hard: Tensor, name: str) -> Tensor:
+    """``expected`` as (batch, query) key indices beside ``hard``, or an error that says which
+    shapes fit."""
+    batch, queries = hard.shape
+    fits = f"give (query,) = ({queries},) or (batch, query) = ({batch}, {queries}) key indices"
+    try:
+        target = torch.as_tensor(expected)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise AttnScopeError(
+            f"expected for {name!r} is not a tensor of key indices ({error}); {fits}"
+        ) from None
+    if target.is_complex() or target.dtype == torch.bool:
+        raise AttnScopeError(f"expected for {name!r} holds {target.dtype}, not key indices; {fits}")
+    if tuple(target.shape) not in ((queries,), (1, queries), (batch, queries)):
+        raise AttnScopeError(
+            f"expected for {name!r} has shape {tuple(target.shape)} but {name!r} has {queries} "
+            f"queries and {batch} batch items; {fits}"
+        )
+    return target.to(hard.device).expand(batch, queries)
