@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import nn
+from torch.nn.functional import scaled_dot_product_attention as _prebound_kernel
 
 import attnscope
 from attnscope import intercept
@@ -380,3 +381,65 @@ def test_compiled_scripted_and_meta_models_are_refused_before_running() -> None:
         compiled._orig_mod(x)
     reference = slow_path_weights(model, lambda m: m(x))
     assert_weights_match(attn["layers.0.self_attn"], reference["layers.0.self_attn"][0])
+
+
+# -- misses that would be silent -----------------------------------------------------------
+
+
+class _Mixer(nn.Module):
+    """Not named like attention, calling sdpa through a reference bound at import."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.proj(x).view(1, -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        return _prebound_kernel(q, k, v).transpose(1, 2).reshape(1, -1, 8)
+
+
+class _Deep(nn.Module):
+    """Reaches sdpa through many plain function frames below its forward."""
+
+    def __init__(self, depth: int, queries: int = 5, keys: int = 5) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 24)
+        self.depth, self.queries, self.keys = depth, queries, keys
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.proj(x).view(1, -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+        q = q[:, :, : self.queries]
+        k, v = k[:, :, : self.keys], v[:, :, : self.keys]
+
+        def down(level: int) -> torch.Tensor:
+            if level == 0:
+                return F.scaled_dot_product_attention(q, k, v)
+            return down(level - 1)
+
+        return down(self.depth)
+
+
+def test_a_prebound_sdpa_is_named_in_a_warning() -> None:
+    model = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2), "mixer": _Mixer()})
+    warned = pytest.warns(UserWarning, match=r"mixer \(_Mixer\).*bound before the capture")
+    with warned, attnscope.capture(model):
+        pass
+    assert_pristine(model)
+
+
+def test_an_sdpa_call_far_below_its_module_is_still_attributed() -> None:
+    torch.manual_seed(0)
+    module, x = _Deep(depth=150), torch.randn(1, 5, 8)
+    with torch.no_grad(), attnscope.capture(module) as attn:
+        module(x)
+        q, k, _ = module.proj(x).view(1, -1, 3, 2, 4).permute(2, 0, 3, 1, 4)
+    expected = (q @ k.transpose(-2, -1) / 2.0).softmax(-1)
+    torch.testing.assert_close(attn[""], expected, atol=1e-6, rtol=0)
+
+
+def test_a_non_square_call_without_cross_arguments_warns_with_the_module_name() -> None:
+    model = nn.ModuleDict({"odd": _Deep(depth=0, queries=3, keys=5)})
+    warned = pytest.warns(UserWarning, match=r"odd \(_Deep\).*3 queries over 5 keys")
+    with warned, torch.no_grad(), attnscope.capture(model) as attn:
+        model["odd"](torch.randn(1, 5, 8))
+    assert attn["odd"].shape == (1, 2, 3, 5)

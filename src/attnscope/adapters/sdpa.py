@@ -32,6 +32,8 @@ import inspect
 import math
 import sys
 import threading
+import warnings
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from typing import Any
@@ -55,7 +57,7 @@ _TORCH_NN_ATTENTION = (
     nn.TransformerDecoder,
     nn.Transformer,
 )
-_CROSS_KWARGS = ("key_value_states", "encoder_hidden_states")
+_CROSS_KWARGS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
 
 
 def _says_attention(module: nn.Module) -> bool:
@@ -211,11 +213,62 @@ class SdpaAdapter:
         keep: Callable[[str], bool] = lambda name: True,
     ) -> None:
         session = _SdpaSession(model, selected, recorder, keep)
+        _warn_of_unseen_calls(model, keep)
         if session.padding_scopes:
             observe(model, session.observe_model, stack)
         for module in selected.values():
             observe(module, session.observe_attention_module, stack)
         _hold(session, stack)
+
+
+def _warn_of_unseen_calls(model: nn.Module, keep: Callable[[str], bool]) -> None:
+    """Warn, naming the module, where a forward calls sdpa through a reference bound before
+    the capture (``from torch.nn.functional import scaled_dot_product_attention``): the capture
+    replaces the attribute on ``torch.nn.functional``, which such a call never looks up."""
+    for name, module in model.named_modules():
+        bound = _prebound_sdpa(type(module))
+        if bound and keep(name):
+            warnings.warn(
+                f"{name or type(module).__name__} ({type(module).__name__}) calls "
+                f"scaled_dot_product_attention through {bound!r}, a reference bound before the "
+                "capture, so attnscope cannot see those calls and records nothing for them. "
+                "Call torch.nn.functional.scaled_dot_product_attention (F.scaled_dot_product_"
+                "attention) at call time in that module",
+                stacklevel=4,
+            )
+
+
+_PREBOUND: weakref.WeakKeyDictionary[type, str | None] = weakref.WeakKeyDictionary()
+
+
+def _prebound_sdpa(cls: type) -> str | None:
+    """The global name under which a method of ``cls`` holds PyTorch's sdpa kernel itself."""
+    if cls not in _PREBOUND:
+        _PREBOUND[cls] = _find_prebound_sdpa(cls)
+    return _PREBOUND[cls]
+
+
+def _find_prebound_sdpa(cls: type) -> str | None:
+    for klass in cls.__mro__:
+        if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
+            continue
+        for value in vars(klass).values():
+            function = getattr(value, "__func__", value)
+            code = getattr(function, "__code__", None)
+            scope = getattr(function, "__globals__", None)
+            if code is None or not isinstance(scope, dict):
+                continue
+            for global_name in _global_names(code):
+                if scope.get(global_name) is _SDPA.kernel:
+                    return global_name
+    return None
+
+
+def _global_names(code: Any) -> Iterator[str]:
+    yield from code.co_names
+    for constant in code.co_consts:
+        if hasattr(constant, "co_names"):
+            yield from _global_names(constant)
 
 
 class _Frame:
@@ -270,6 +323,8 @@ class _SdpaSession:
             kind=known,
             padded_queries=padded,
         )
+        if known is None:
+            _warn_if_unsure(name, module, attention)
         self.kinds[id(module)] = attention.kind
         self.recorder.record(name, attention)
         if frame is not None:
@@ -340,6 +395,22 @@ class _SdpaSession:
             return proceed()
         finally:
             del self.paddings[len(self.paddings) - len(noted) :]
+
+
+def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:
+    """A first call whose queries and keys differ in number, with no sign of cross-attention
+    (an argument naming encoder states) and none of a cache (a causal module): the kind is a
+    guess, and the user should know which."""
+    _, _, queries, keys = call.shape
+    if call.kind != "self" or queries == keys:
+        return
+    warnings.warn(
+        f"{name} ({type(module).__name__}): its first call has {queries} queries over {keys} "
+        f"keys and no cross-attention argument ({', '.join(_CROSS_KWARGS)}), so it is labelled "
+        "'self'. If it attends to another sequence, read it as cross-attention (attn.kind() "
+        "says 'self'); if it is a cached self-attention, its rows are the newest positions",
+        stacklevel=5,
+    )
 
 
 def _padding_scopes(model: nn.Module, names: dict[int, str]) -> dict[str, str]:
