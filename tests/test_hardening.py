@@ -443,3 +443,16 @@ def test_a_non_square_call_without_cross_arguments_warns_with_the_module_name() 
     with warned, torch.no_grad(), attnscope.capture(model) as attn:
         model["odd"](torch.randn(1, 5, 8))
     assert attn["odd"].shape == (1, 2, 3, 5)
+
+
+def test_a_compiled_model_run_inside_a_capture_of_its_original_is_refused() -> None:
+    model = encoder().eval()
+    compiled = torch.compile(model, backend="eager")  # Dynamo itself; no compiler needed
+    x = sequence(2, 5)
+    with torch.no_grad():
+        expected = compiled(x)
+        refused = pytest.raises(attnscope.AttnScopeError, match=r"under torch.compile.*_orig_mod")
+        with refused, attnscope.capture(model):
+            compiled(x)
+        assert torch.equal(compiled(x), expected)
+    assert_pristine(model)

@@ -42,7 +42,10 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from typing import Any, Protocol, cast
 
+import torch
 from torch import nn
+
+from .errors import AttnScopeError
 
 Proceed = Callable[[], Any]
 
@@ -177,6 +180,7 @@ class ObservedForward:
         observers = tuple(o for t, o in self.observers if t == thread)
         if target is None or not observers:
             return self.original(*args, **kwargs)
+        refuse_under_compile(target)
         return _call_chain(target, observers, self.original, args, kwargs)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
@@ -197,6 +201,29 @@ class ObservedForward:
 
 def _identity(value: Any) -> Any:
     return value
+
+
+def refuse_under_compile(module: nn.Module) -> None:
+    """Raise when an observed module runs inside ``torch.compile``d code: Dynamo would split its
+    graph at every observer (measured: the output's bits change), so the capture would not see
+    the model the user compiled. Checked before the module's forward runs."""
+    if _compiling():
+        raise AttnScopeError(
+            f"{type(module).__name__} ran under torch.compile inside a capture: a capture "
+            "observes eager code, and compiled code around it would run differently. Run the "
+            "uncompiled model inside the capture (for torch.compile(model), the same module "
+            "and weights are compiled._orig_mod) and keep the compiled one for other calls"
+        )
+
+
+def _compiling() -> bool:
+    if torch.compiler.is_compiling():
+        return True
+    try:  # the frame callback is set while compiled code runs (its graph breaks included)
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - older PyTorch
+        return False
+    return get_eval_frame_callback() not in (None, False)
 
 
 def _call_chain(
