@@ -15,8 +15,12 @@ from attnscope import pool
 
 @pytest.fixture(autouse=True)
 def empty_pool() -> Iterator[None]:
+    """Each test starts from an empty pool: blocks still held by an earlier test's leftovers
+    (a failed test's traceback keeps its maps alive) come back and are freed first."""
+    gc.collect()
     pool.release()
     yield
+    gc.collect()
     pool.release()
 
 
