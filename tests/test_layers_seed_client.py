@@ -15,6 +15,7 @@ keeps a graph, see ``test_layers.py``), and under ``eval()`` + ``no_grad()`` wit
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -223,3 +224,30 @@ def test_greedy_decoding_reading_weights_every_step() -> None:
         seen[name] = (out, attn)
     assert torch.equal(seen["ours"][0], seen["original"][0])
     assert_weights_match(seen["ours"][1], seen["original"][1])
+
+
+def test_the_readme_walkthrough_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """README's "Seed-compatible layers" walk-through, as written: train, eval + no_grad, plot."""
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme[readme.index("## Seed-compatible layers") :]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "from attnscope import TransformerDecoderLayerWithAttn" in code
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "readme"}
+    try:
+        exec(compile(code, "README.md", "exec"), namespace)
+    finally:
+        plt.close("all")
+    assert (tmp_path / "cross_attention.png").stat().st_size > 0
+    model, src, tgt = namespace["model"], namespace["src"][:1], namespace["tgt"][:1]
+    reference = slow_path_weights(model, lambda m: m(src, tgt))
+    name = "transformer.decoder.layers.1."
+    assert_weights_match(namespace["masked"], reference[name + "self_attn"][0])
+    assert_weights_match(namespace["cross"], reference[name + "multihead_attn"][0])
+    encoder = reference["transformer.encoder.layers.0.self_attn"][0]
+    assert_weights_match(namespace["encoder"], encoder)
+    # the copy task was learnt: output position t attends to source position t
+    assert torch.equal(namespace["cross"][0].mean(0).argmax(-1), torch.arange(8))
