@@ -123,15 +123,26 @@ def _decoder_step(layer: nn.Module, tgt: torch.Tensor, memory: torch.Tensor) -> 
     layer(tgt, memory, tgt_mask=causal, tgt_is_causal=True).square().sum().backward()
 
 
-def test_weights_read_after_an_optimizer_step_are_those_of_the_forward() -> None:
+def _data_step(layer: nn.Module) -> None:
+    for param in layer.parameters():  # old-style manual SGD: no version counter moves
+        param.data.add_(param.grad.sign(), alpha=-0.1)
+
+
+@pytest.mark.parametrize("update", ["adam", "fused adam", "through .data"])
+def test_weights_read_after_an_optimizer_step_are_those_of_the_forward(update: str) -> None:
     torch.manual_seed(0)
     layer = TransformerDecoderLayerWithAttn(D_MODEL, HEADS, 32, dropout=0.0, batch_first=True)
     tgt, memory = sequence(2, 4), sequence(2, 6, seed=3)
     causal = nn.Transformer.generate_square_subsequent_mask(4)
     before = slow_path_weights(layer, lambda m: m(tgt, memory, tgt_mask=causal))
-    optimizer = torch.optim.Adam(layer.parameters(), lr=0.1)
+    params = list(layer.parameters())
+    step = {
+        "adam": torch.optim.Adam(params, lr=0.1).step,
+        "fused adam": torch.optim.Adam(params, lr=0.1, fused=True).step,
+        "through .data": lambda: _data_step(layer),
+    }[update]
     _decoder_step(layer, tgt, memory)
-    optimizer.step()  # changes in_proj_weight in place before anything is read
+    step()  # changes in_proj_weight in place before anything is read
     after = slow_path_weights(layer, lambda m: m(tgt, memory, tgt_mask=causal))
     assert (after["self_attn"][0] - before["self_attn"][0]).abs().max() > 1e-2
     assert_weights_match(layer.attn_weights, before["self_attn"][0])

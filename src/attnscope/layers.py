@@ -53,7 +53,9 @@ _SELF, _CROSS = "self", "cross"
 class _Projection:
     """What ``mha_call`` reads of an ``nn.MultiheadAttention``, with copies of its query and key
     projections: the parameters may change (an optimizer step) before the weights are read.
-    A copy is made once per version of a parameter and shared while it does not change."""
+    Copied at every forward: neither fused optimizers (``Adam(fused=True)``) nor writes
+    through ``.data`` bump a parameter's version counter, so an unchanged version proves
+    nothing."""
 
     __slots__ = (
         "_qkv_same_embed_dim",
@@ -69,34 +71,23 @@ class _Projection:
         "q_proj_weight",
     )
 
-    def __init__(self, mha: nn.MultiheadAttention, cache: dict[str, tuple[Tensor, int, Tensor]]):
+    def __init__(self, mha: nn.MultiheadAttention) -> None:
         embed = mha.embed_dim
         self.embed_dim, self.num_heads, self.head_dim = embed, mha.num_heads, mha.head_dim
         self.batch_first, self.add_zero_attn = mha.batch_first, mha.add_zero_attn
         self._qkv_same_embed_dim = mha._qkv_same_embed_dim
-        qk = slice(0, 2 * embed)
-        self.in_proj_weight = _copy(cache, "w", mha.in_proj_weight, qk)
-        self.q_proj_weight = _copy(cache, "q", mha.q_proj_weight)
-        self.k_proj_weight = _copy(cache, "k", mha.k_proj_weight)
-        self.in_proj_bias = _copy(cache, "b", mha.in_proj_bias, qk)
-        self.bias_k = _copy(cache, "bias_k", mha.bias_k)
+        qk = slice(0, 2 * embed)  # the value projection is not needed
+        self.in_proj_weight = _copy(mha.in_proj_weight, qk)
+        self.q_proj_weight = _copy(mha.q_proj_weight)
+        self.k_proj_weight = _copy(mha.k_proj_weight)
+        self.in_proj_bias = _copy(mha.in_proj_bias, qk)
+        self.bias_k = _copy(mha.bias_k)
 
 
-def _copy(
-    cache: dict[str, tuple[Tensor, int, Tensor]],
-    key: str,
-    param: Tensor | None,
-    part: slice | None = None,
-) -> Tensor | None:
+def _copy(param: Tensor | None, part: slice | None = None) -> Tensor | None:
     if param is None:
         return None
-    version = -1 if param.is_inference() else param._version
-    hit = cache.get(key)
-    if hit is not None and hit[0] is param and hit[1] == version >= 0:
-        return hit[2]
-    copy = (param.detach() if part is None else param.detach()[part]).clone()
-    cache[key] = (param, version, copy)
-    return copy
+    return (param.detach() if part is None else param.detach()[part]).clone()
 
 
 class _Pending:
@@ -109,14 +100,13 @@ class _Pending:
     def __init__(
         self,
         mha: nn.MultiheadAttention,
-        cache: dict[str, tuple[Tensor, int, Tensor]],
         query: Tensor,
         key: Tensor,
         attn_mask: Tensor | None,
         key_padding_mask: Tensor | None,
         is_causal: bool,
     ) -> None:
-        self._projection = _Projection(mha, cache)
+        self._projection = _Projection(mha)
         self._args = (query.detach(), key.detach(), attn_mask, key_padding_mask, is_causal)
         if query is key:
             self._args = (self._args[0], self._args[0], *self._args[2:])
@@ -245,9 +235,7 @@ class _KeepsWeights:
         if self.keep_attn_graph and torch.is_grad_enabled():
             value = weights_with_graph(mha, query, key, attn_mask, key_padding_mask, is_causal)
         else:
-            caches = self.__dict__.setdefault("_attn_copies", {})
-            cache = caches.setdefault(slot, {})
-            value = _Pending(mha, cache, query, key, attn_mask, key_padding_mask, is_causal)
+            value = _Pending(mha, query, key, attn_mask, key_padding_mask, is_causal)
         self._keep(slot, value)
 
     def _read(self, slot: str, attribute: str) -> Tensor | None:
@@ -268,7 +256,6 @@ class _KeepsWeights:
 
     def _forget(self) -> None:
         self.__dict__.pop("_attn_store", None)
-        self.__dict__.pop("_attn_copies", None)
 
     def __getstate__(self) -> dict[str, Any]:
         # pickling and deepcopy: weights not read yet are computed (a closure cannot be pickled)
