@@ -10,6 +10,7 @@ import random
 import signal
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -285,10 +286,12 @@ def _interrupted_captures(
                 finally:
                     interrupt.disarm()
             except KeyboardInterrupt:
-                pass
+                where = traceback.format_exc()  # where it landed, for the message below
+            else:
+                where = "no interrupt"
             assert_pristine(model)
-            assert signal.getsignal(signal.SIGALRM) == interrupt.handler
-            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert signal.getsignal(signal.SIGALRM) == interrupt.handler, where
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, where
     finally:
         interrupt.close()
     return attempts, interrupt.fired

@@ -140,10 +140,10 @@ class Capture:
         except BaseException:
             self._close()
             raise
-        guard.held = False
         if guard.arrived:  # Ctrl-C during the install: the capture does not start
-            self._close()
+            self._close()  # still held: a second one waits too
             guard.deliver()
+        guard.held = False  # no call since the check above: nothing arrived in between
         return recorder.maps
 
     def __exit__(self, *exc_info: object) -> None:
