@@ -11,6 +11,9 @@ round starting one variant later:
              need_weights=True, average_attn_weights=False and store what it returns
   attnscope  attnscope.TransformerEncoderLayerWithAttn / TransformerDecoderLayerWithAttn
              (weights computed when read; the loop reads them once per epoch, as a logger would)
+  attnscope_read_every_step
+             the same, reading the last decoder layer's attn_weights after every forward, as
+             a model whose forward returns them does (one layer's weights computed per step)
 Writes benchmarks/results/layers_train.json: each variant's median and minimum epoch seconds,
 ratios to plain, and the paired ratio (median over rounds of the per-round ratio).
 Timings are measured, never asserted in tests.
@@ -24,6 +27,7 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -106,7 +110,7 @@ def batches(count: int) -> list[tuple[Tensor, Tensor]]:
 
 
 def epoch_runner(
-    model: Seq2Seq, data: list[tuple[Tensor, Tensor]], read: bool
+    model: Seq2Seq, data: list[tuple[Tensor, Tensor]], read: bool, every_step: bool = False
 ) -> Callable[[], None]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = nn.CrossEntropyLoss()
@@ -116,6 +120,8 @@ def epoch_runner(
         model.train()
         for src, tgt_in in data:
             logits = model(src, tgt_in)
+            if every_step:  # as a model whose forward returns the last layer's weights
+                assert decoder.attn_weights.shape == (BATCH, HEADS, LENGTH, LENGTH)
             loss = loss_fn(logits.reshape(-1, VOCAB), src.reshape(-1))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -153,6 +159,9 @@ def main() -> None:
         model = Seq2Seq(enc, dec)
         model.load_state_dict(reference)
         runners[name] = epoch_runner(model, data, read=name != "plain")
+    model = Seq2Seq(*classes["attnscope"])
+    model.load_state_dict(reference)
+    runners["attnscope_read_every_step"] = epoch_runner(model, data, read=True, every_step=True)
     for run in runners.values():  # warm-up epoch
         run()
     samples: dict[str, list[float]] = {name: [] for name in runners}
@@ -163,6 +172,8 @@ def main() -> None:
             start = time.perf_counter()
             run()
             samples[name].append(time.perf_counter() - start)
+        times = ", ".join(f"{name} {values[-1]:.3f}" for name, values in samples.items())
+        print(f"round {round_ + 1}/{args.rounds}: {times} s", file=sys.stderr, flush=True)
     result: dict[str, object] = {
         "torch": torch.__version__,
         "python": platform.python_version(),
