@@ -305,13 +305,22 @@ class PreboundAttention(torch.nn.Module):
         return self.kernel(q, q, q)
 
 
-def test_user_attention_through_an_unseen_kernel_raises() -> None:
-    model = torch.nn.ModuleDict({"inner": PreboundAttention()})
-    with (
-        pytest.raises(AttnScopeError, match=r"inner \(PreboundAttention\).*exclude='inner'"),
-        attnscope.capture(model),
-    ):
-        model["inner"](torch.randn(3, 4))
+def test_user_attention_through_an_unseen_kernel_is_named_and_skipped() -> None:
+    """Not an error that loses the capture: a warning up front, and the reason in skipped."""
+    model = torch.nn.ModuleDict(
+        {"inner": PreboundAttention(), "mha": torch.nn.MultiheadAttention(4, 2)}
+    )
+    x = torch.randn(3, 4)
+    context = attnscope.capture(model)
+    with pytest.warns(UserWarning, match=r"inner \(PreboundAttention\).*PreboundAttention.kernel"):
+        attn = context.__enter__()
+    try:
+        model["inner"](x)
+        model["mha"](x, x, x)
+    finally:
+        context.__exit__(None, None, None)
+    assert attn.names == ["mha"]
+    assert "PreboundAttention.kernel" in attn.skipped["inner"]
 
 
 def test_eager_implementation_is_captured_from_its_returned_weights() -> None:

@@ -259,7 +259,7 @@ class _Interrupt:
 
 
 def _interrupted_captures(
-    model: nn.Module, run: Callable[[], Any], seed: int, interrupts: int = 200, seconds: float = 20
+    model: nn.Module, run: Callable[[], Any], seed: int, interrupts: int = 200, seconds: float = 90
 ) -> tuple[int, int]:
     """Capture ``run`` over and over, each time interrupted at a random moment, until
     ``interrupts`` fired or ``seconds`` passed; after each, nothing of attnscope may remain.
@@ -343,6 +343,17 @@ def test_uninterruptible_delivers_a_held_interrupt_after_the_block() -> None:
         order.append("block finished")
     assert order == ["block finished"]
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_captures_ended_out_of_order_put_the_real_handlers_back() -> None:
+    model = encoder().eval()
+    first, second = attnscope.capture(model), attnscope.capture(model)
+    first.__enter__()
+    second.__enter__()
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert_pristine(model)
 
 
 # -- what a capture cannot observe, and using one twice -------------------------------------

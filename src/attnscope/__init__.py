@@ -1,7 +1,9 @@
 """attnscope: see and measure the attention of any PyTorch Transformer."""
 
 from ._version import __version__
+from .adapters import register_adapter
 from .analysis import alignment, rollout
+from .calls import AttentionCall
 from .capture import capture
 from .errors import AttnScopeError
 from .flow import flow
@@ -12,6 +14,7 @@ from .plot import plot_head, plot_heads, plot_layers
 from .view import AttentionPage, view
 
 __all__ = [
+    "AttentionCall",
     "AttentionMaps",
     "AttentionPage",
     "AttnScopeError",
@@ -26,6 +29,7 @@ __all__ = [
     "plot_head",
     "plot_heads",
     "plot_layers",
+    "register_adapter",
     "rollout",
     "view",
 ]

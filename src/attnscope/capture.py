@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter, default_adapters
-from .adapters.base import AttentionCall
+from .calls import AttentionCall
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names, matcher
 from .intercept import SignalGuard
@@ -66,6 +66,7 @@ class _Recorder:
         self.keep = lazy
         self.spill = spill
         self.bytes = 0
+        self.calls = 0
 
     def record(self, name: str, call: AttentionCall) -> None:
         batch, heads, queries, keys = call.shape
@@ -108,6 +109,10 @@ class _Recorder:
                 estimate = 0  # on disk, mapped: not memory the capture holds
         self.bytes += estimate
         self.maps._append(name, call.kind, weights, rows=self.rows)
+        self.calls += 1
+
+    def skip(self, name: str, why: str) -> None:
+        self.maps._skip(name, why)
 
 
 class Capture:
@@ -127,7 +132,7 @@ class Capture:
                 "attnscope.capture(model) again for another"
             )
         self._used = True
-        found, recorder, keep = _prepare(self._model, **self._options)
+        found, recorder = _prepare(self._model, **self._options)
         guard, stack = self._guard, ExitStack()
         # the backstop, for an interrupt landing as __exit__ is entered, before its first line:
         # the stack is closed when this object goes (at once, by reference count)
@@ -135,7 +140,7 @@ class Capture:
         guard.held = True  # before the stand-ins go in: one may run as soon as it is in
         try:
             guard.install()
-            for adapter, modules in found:
+            for adapter, modules, keep in found:
                 adapter.install(self._model, modules, recorder, stack, keep)
         except BaseException:
             self._close()
@@ -173,6 +178,7 @@ def capture(
     rows: Sequence[int] | None = None,
     lazy: bool = False,
     spill: str | os.PathLike[str] | None = None,
+    adapters: Sequence[Adapter] = (),
 ) -> Capture:
     """Record per-head attention weights of every attention module ``model`` calls.
 
@@ -187,6 +193,10 @@ def capture(
     masks the kernels computed or saw (for PyTorch's fused layers, where smaller, copies of the
     input and of the q/k projection) instead of the weights and computes weights when read;
     ``spill="DIR"`` writes each call to disk as it is computed and maps it back.
+
+    ``adapters=[...]`` are asked before the registered ones (``attnscope.register_adapter``)
+    for the attention modules they know; modules that ran but whose attention could not be
+    mapped are listed, with the reason, in ``attn.skipped``.
 
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
@@ -208,6 +218,7 @@ def capture(
         "rows": rows,
         "lazy": lazy,
         "spill": spill,
+        "adapters": adapters,
     }
     return Capture(model, options)
 
@@ -224,7 +235,8 @@ def _prepare(
     rows: Sequence[int] | None,
     lazy: bool,
     spill: str | os.PathLike[str] | None,
-) -> tuple[list[tuple[Adapter, dict[str, nn.Module]]], _Recorder, Callable[[str], bool]]:
+    adapters: Sequence[Adapter],
+) -> tuple[list[tuple[Adapter, dict[str, nn.Module], Callable[[str], bool]]], _Recorder]:
     """Check the options and the model; find the attention modules each adapter observes."""
     if not isinstance(model, nn.Module):
         raise AttnScopeError(
@@ -232,7 +244,12 @@ def _prepare(
             "itself: `with attnscope.capture(model) as attn: model(inputs)`"
         )
     check_capturable(model)
-    adapters = default_adapters()
+    if isinstance(adapters, (str, bytes)) or not isinstance(adapters, Sequence):
+        raise AttnScopeError(
+            f"adapters= takes a list of adapters, got {type(adapters).__name__}; e.g. "
+            "capture(model, adapters=[MyAdapter()])"
+        )
+    adapters = default_adapters(adapters)
     found: list[tuple[Adapter, dict[str, nn.Module]]] = []
     seen: set[int] = set()
     for adapter in adapters:
@@ -253,8 +270,19 @@ def _prepare(
     keep_include = matcher(include) if include is not None else None
     drop = matcher(exclude) if exclude is not None else None
 
-    def keep(name: str) -> bool:  # for attention found at run time (any module calling sdpa)
-        return (keep_include is None or keep_include(name)) and not (drop and drop(name))
+    claimed: dict[int, set[str]] = {
+        id(adapter): {n for other, modules in found if other is not adapter for n in modules}
+        for adapter, _ in found
+    }
+
+    def keeper(adapter: Adapter) -> Callable[[str], bool]:
+        others = claimed[id(adapter)]
+
+        def keep(name: str) -> bool:  # attention found at run time (any module calling sdpa)
+            selected_by_user = keep_include is None or keep_include(name)
+            return selected_by_user and not (drop and drop(name)) and name not in others
+
+        return keep
 
     recorder = _Recorder(
         AttentionMaps(),
@@ -266,8 +294,10 @@ def _prepare(
         bool(lazy),
         None if spill is None else Spill(spill),
     )
-    chosen = [(a, {n: m for n, m in modules.items() if n in selected}) for a, modules in found]
-    return chosen, recorder, keep
+    chosen = [
+        (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found
+    ]
+    return chosen, recorder
 
 
 def _check_indices(values: Sequence[int] | None, option: str, what: str) -> Sequence[int] | None:

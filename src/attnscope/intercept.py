@@ -78,6 +78,7 @@ class SignalGuard:
 
     def __init__(self) -> None:
         self.held = False
+        self.done = False  # uninstalled: a stand-in still in place only passes signals on
         self.arrived: list[int] = []
         self.saved: dict[int, Any] = {}
         self.handler = self._handle  # one bound method, to know it again
@@ -111,15 +112,26 @@ class SignalGuard:
             self.held = False
 
     def _put_back(self) -> None:
+        self.done = True
         for signum in sorted(self.saved, key=lambda number: number == signal.SIGINT):
             if signal.getsignal(signum) == self.handler:
-                signal.signal(signum, self.saved[signum])
+                signal.signal(signum, _real_handler(self.saved[signum], signum))
 
     def deliver(self) -> None:
         """Run the real handlers for what arrived while held (KeyboardInterrupt raises here)."""
         arrived, self.arrived = self.arrived, []
         for signum in arrived:
             _deliver(self.saved.get(signum), signum, sys._getframe())
+
+
+def _real_handler(handler: Any, signum: int) -> Any:
+    """``handler``, or, where it is the stand-in of a guard already done (two captures ended
+    out of order), what that one stood for."""
+    guard = getattr(handler, "__self__", None)
+    while isinstance(guard, SignalGuard) and guard.done and handler == guard.handler:
+        handler = guard.saved.get(signum, signal.SIG_DFL)
+        guard = getattr(handler, "__self__", None)
+    return handler
 
 
 def _deliver(handler: Any, signum: int, frame: Any) -> None:

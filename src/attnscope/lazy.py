@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .adapters.base import AttentionCall
+from .calls import AttentionCall
 from .errors import AttnScopeError
 
 

@@ -56,8 +56,18 @@ class AttentionMaps:
         self._rows: dict[str, list[int] | None] = {}
         self._tokens: Tokens | None = None
         self._target_tokens: Tokens | None = None
+        self._skipped: dict[str, str] = {}
 
     # -- building ---------------------------------------------------------------------------
+
+    def _skip(self, name: str, why: str) -> None:
+        self._skipped.setdefault(name, why)
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """{module name: why} for modules that ran in the capture but whose attention could not
+        be mapped (a linear attention with no softmax, a kernel attnscope cannot see)."""
+        return dict(self._skipped)
 
     def _append(
         self, name: str, kind: str, weights: Tensor | LazyWeights, rows: list[int] | None = None
@@ -108,6 +118,7 @@ class AttentionMaps:
             maps._kinds[name] = self._kinds[name]
             maps._rows[name] = self._rows.get(name)
         maps._tokens, maps._target_tokens = self._tokens, self._target_tokens
+        maps._skipped = dict(self._skipped)
         return maps
 
     # -- access -----------------------------------------------------------------------------

@@ -1,50 +1,39 @@
-"""What every adapter gives the capture: where attention lives, and how to observe it."""
+"""The adapter protocol: where a family's attention lives, and how a capture observes it.
+
+An adapter is any object with ``name``, ``recognises`` (a few words for error messages),
+``attention_modules(model)`` (the modules it knows statically, by qualified name) and
+``install(model, selected, recorder, stack, keep)``: observe ``selected`` (what the user's
+``include``/``exclude`` left of its modules) until ``stack`` closes, and hand each attention
+computation to ``recorder.record(name, AttentionCall(...))``. ``keep(name)`` filters modules
+found only at run time. Use ``attnscope.intercept.observe(module, observer, stack)`` to run
+code around a module's forward and ``attnscope.intercept.Replacement`` to stand in front of a
+function: both restore everything when the stack closes, in any order, and keep to the
+capturing thread. ``tests/test_adapters.py`` has a worked example.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass
 from typing import Protocol
 
-import torch
-from torch import Tensor, nn
+from torch import nn
 
+from ..calls import AttentionCall
 
-@dataclass
-class AttentionCall:
-    """One attention computation, ready to produce its weights on demand.
-
-    ``compute(rows)`` gives (batch, heads, query, key) weights, for the query positions
-    ``rows`` (a LongTensor) only when given. ``held`` are the tensors it reads, which a lazy
-    capture keeps instead of the weights.
-    """
-
-    kind: str
-    shape: tuple[int, int, int, int]
-    dtype: torch.dtype
-    compute: Callable[[Tensor | None], Tensor]
-    held: tuple[Tensor, ...] = ()
-
-    @classmethod
-    def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:
-        """A call whose (batch, heads, query, key) weights the kernel already returned."""
-        batch, heads, queries, keys = weights.shape
-        return cls(
-            kind,
-            (batch, heads, queries, keys),
-            weights.dtype,
-            lambda rows: weights if rows is None else weights[:, :, rows],
-            (weights,),
-        )
+__all__ = ["Adapter", "AttentionCall", "Recorder"]
 
 
 class Recorder(Protocol):
     """Receives each attention computation; calls ``compute`` only when and as it needs."""
 
     keep: bool  # lazy: computations run later, so adapters copy what may change meanwhile
+    calls: int  # how many calls were recorded so far, by any adapter
 
     def record(self, name: str, call: AttentionCall) -> None: ...
+
+    def skip(self, name: str, why: str) -> None:
+        """A module that ran but whose attention cannot be mapped: listed in ``attn.skipped``."""
 
 
 class Adapter(Protocol):

@@ -252,8 +252,10 @@ def _find_prebound_sdpa(cls: type) -> str | None:
     for klass in cls.__mro__:
         if klass in (nn.Module, object) or klass.__module__.startswith("torch."):
             continue
-        for value in vars(klass).values():
+        for attribute, value in vars(klass).items():
             function = getattr(value, "__func__", value)
+            if function is _SDPA.kernel:  # kept on the class: self.kernel(q, k, v)
+                return f"{klass.__name__}.{attribute}"
             code = getattr(function, "__code__", None)
             scope = getattr(function, "__globals__", None)
             if code is None or not isinstance(scope, dict):
@@ -338,12 +340,13 @@ class _SdpaSession:
         )
         mask = kwargs.get("attention_mask")
         frame = _Frame(module, cross, mask if isinstance(mask, Tensor) else None)
+        before = self.recorder.calls
         self.running.append(frame)
         try:
             output = proceed()
         finally:
             self.running.pop()
-        if frame.recorded == 0:
+        if frame.recorded == 0 and self.recorder.calls == before:  # no adapter recorded it
             self._record_returned(module, output, frame)
         return output
 
@@ -353,7 +356,12 @@ class _SdpaSession:
         name = self.names[id(module)]
         if weights is None:
             implementation = _implementation(module)
-            if implementation in (None, "sdpa", "eager") and not _says_attention(module):
+            if implementation in (None, "sdpa", "eager"):
+                bound = _prebound_sdpa(type(module))
+                if bound:
+                    self.recorder.skip(name, _PREBOUND_NOTE.format(name=bound))
+                elif _says_attention(module):
+                    self.recorder.skip(name, _UNSEEN.format(cls=type(module).__name__))
                 return  # a module found by its source, which did not attend this time
             raise AttnScopeError(
                 f"{name} ({type(module).__name__}) ran, but its attention went through a kernel "
@@ -450,19 +458,35 @@ def _arguments(
         return dict(kwargs)
 
 
+_PREBOUND_NOTE = (
+    "calls scaled_dot_product_attention through {name!r}, a reference bound before the "
+    "capture, which attnscope cannot see; call torch.nn.functional.scaled_dot_product_attention "
+    "at call time there"
+)
+_UNSEEN = (
+    "{cls} ran without calling scaled_dot_product_attention and returned no attention "
+    "weights: it computes its attention another way (by hand, only returning weights when "
+    "asked with output_attentions=True; or with no softmax at all, as linear attention does), "
+    "which attnscope does not map yet"
+)
+
+
 def _implementation(module: nn.Module) -> str | None:
     config = getattr(module, "config", None)
     return getattr(config, "_attn_implementation", None) if config is not None else None
 
 
 def _returned_weights(output: Any) -> Tensor | None:
-    """The last 4-D tensor in a module's output whose rows are distributions (eager weights)."""
+    """The last 4-D tensor in a module's output whose rows are sub-distributions (eager
+    weights: non-negative, each row summing to at most 1, below 1 where a sink takes part)."""
     if not isinstance(output, tuple):
         return None
     for item in reversed(output):
         if isinstance(item, Tensor) and item.dim() == 4 and item.is_floating_point():
-            sums = item.detach().float().sum(-1)
-            if bool(((sums - 1).abs() < 1e-3).logical_or(sums.abs() < 1e-3).all()):
+            values = item.detach().float()
+            # rows may sum below 1: attention sinks take their share outside the keys
+            sums = values.sum(-1)
+            if bool((values >= 0).all()) and bool((sums < 1 + 1e-3).all()):
                 return item.detach()
     return None
 
@@ -537,9 +561,8 @@ def sdpa_call(
 
 def _packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> bool:
     """Hugging Face packs one decoding step's query heads into the query axis (``pack_gqa``)."""
-    groups = getattr(module, "num_key_value_groups", 1) if module is not None else 1
-    config = getattr(module, "config", None)
-    heads = getattr(config, "num_attention_heads", None)
+    groups = _attribute(module, "num_key_value_groups", 1)
+    heads = _attribute(_attribute(module, "config", None), "num_attention_heads", None)
     return (
         isinstance(groups, int)
         and groups > 1
@@ -548,6 +571,17 @@ def _packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> 
         and heads is not None
         and query.size(1) * groups == heads
     )
+
+
+def _attribute(owner: object, name: str, default: Any) -> Any:
+    """``getattr`` that also survives configs whose properties raise other errors (a per-layer
+    config refuses a global ``num_attention_heads`` with its own exception)."""
+    if owner is None:
+        return default
+    try:
+        return getattr(owner, name, default)
+    except Exception:
+        return default
 
 
 def _hidden(mask: Tensor | None) -> Tensor | None:
