@@ -365,6 +365,7 @@ class Replacement:
         self.kernel: Callable[..., Any] = getattr(namespace, attribute)
         self.original: Callable[..., Any] = self.kernel
         self._holders = 0
+        self._inherited = False  # the attribute came from a base class (Tensor.softmax)
         self._lock = threading.Lock()
         self._inside = threading.local()
 
@@ -390,7 +391,10 @@ class Replacement:
                 if not held[0]:
                     return
                 if self._holders == 1 and getattr(self.namespace, self.attribute) is self.wrapper:
-                    setattr(self.namespace, self.attribute, self.original)
+                    if self._inherited:  # it was a base class's: let that show through again
+                        delattr(self.namespace, self.attribute)
+                    else:
+                        setattr(self.namespace, self.attribute, self.original)
                 self._holders -= 1
                 held[0] = False
 
@@ -398,6 +402,7 @@ class Replacement:
         with self._lock:
             if self._holders == 0 and getattr(self.namespace, self.attribute) is not self.wrapper:
                 self.original = getattr(self.namespace, self.attribute)
+                self._inherited = self.attribute not in vars(self.namespace)
                 setattr(self.namespace, self.attribute, self.wrapper)
             self._holders += 1
             held[0] = True

@@ -19,6 +19,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+# PyTorch's softmax itself, bound at import: a capture stands in front of ``torch.softmax`` to
+# see hand-written attention (``adapters.softmax``), and must not see its own recompute
+_softmax = torch.softmax
+
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     """A boolean mask (``True`` = masked out, PyTorch's MHA convention) as ``-inf``/0 floats.
@@ -79,9 +83,9 @@ def softmax_weights(
     # In place where the dtype allows: a fresh (batch, heads, L, L) buffer costs more in page
     # faults than the softmax itself (measured: 21 ms vs 10 ms at 8x8x512x512 on 2 cores).
     if scores.dtype in (torch.float32, torch.float64) and not _autocast(scores):
-        weights = torch.softmax(scores, dim=-1, out=scores)
+        weights = _softmax(scores, dim=-1, out=scores)
     else:
-        weights = torch.softmax(scores, dim=-1)
+        weights = _softmax(scores, dim=-1)
     masked = mask is not None or hidden is not None
     return torch.nan_to_num_(weights, nan=0.0) if masked else weights
 

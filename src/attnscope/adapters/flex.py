@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from .. import pool
 from ..intercept import Proceed, Replacement, observe
-from ..recompute import is_causal_mask
+from ..recompute import _softmax, is_causal_mask
 from .base import AttentionCall, Recorder
 from .sdpa import _CallingModules, _global_names, _warn_if_unsure
 
@@ -337,7 +337,7 @@ def flex_call(
             scores = modified_scores(
                 _cast(query, autocast), _cast(key, autocast), scale, score_mod, mask_mod, rows
             )
-            weights = torch.softmax(scores, dim=-1)
+            weights = _softmax(scores, dim=-1)
             hidden = (scores == float("-inf")).all(dim=-1, keepdim=True)
             return weights.masked_fill_(hidden, 0.0).to(dtype)
 

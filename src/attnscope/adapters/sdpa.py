@@ -47,6 +47,7 @@ from ..errors import AttnScopeError
 from ..intercept import Proceed, Replacement, observe
 from ..padded_rows import blank_rows, padding_of, query_padding
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
+from . import softmax
 from .base import AttentionCall, Recorder
 
 _TORCH_NN_ATTENTION = (
@@ -219,6 +220,8 @@ class SdpaAdapter:
         for module in selected.values():
             observe(module, session.observe_attention_module, stack)
         _hold(session, stack)
+        if selected:  # hand-written attention inside them: their own softmax (``softmax``)
+            softmax.hold(session, stack)
 
 
 def _warn_of_unseen_calls(model: nn.Module, keep: Callable[[str], bool]) -> None:
@@ -281,6 +284,7 @@ class _Frame:
         self.cross = cross
         self.mask = mask  # the 4-D mask an eager implementation was given, if any
         self.recorded = 0
+        self.sdpa = False  # it called sdpa: any softmax in it is not its attention
 
 
 class _SdpaSession:
@@ -331,6 +335,26 @@ class _SdpaSession:
         self.recorder.record(name, attention)
         if frame is not None:
             frame.recorded += 1
+            frame.sdpa = True
+
+    def on_softmax(self, weights: Tensor) -> None:
+        """A softmax over the last axis of a (batch, heads, query, key) tensor, computed by an
+        observed attention module that called no sdpa: its hand-written attention."""
+        frame = self.running[-1] if self.running else None
+        if frame is None or frame.sdpa:
+            return
+        module = frame.module
+        name = self.names[id(module)]
+        batch, _, queries, keys = weights.shape
+        kind = self.kinds.get(id(module))
+        if kind is None:
+            kind = "cross" if frame.cross else _kind_of(weights, module)
+            self.kinds[id(module)] = kind
+        padded = None if kind == "cross" else self._padded_queries(name, batch, queries, keys)
+        mask = frame.mask if frame.mask is not None and frame.mask.dim() == 4 else None
+        copied = blank_rows(weights.detach().clone(), _hidden(mask), padded)
+        self.recorder.record(name, AttentionCall.of_weights(kind, copied))
+        frame.recorded += 1
 
     def observe_attention_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
@@ -419,6 +443,16 @@ def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:
         "says 'self'); if it is a cached self-attention, its rows are the newest positions",
         stacklevel=5,
     )
+
+
+def _kind_of(weights: Tensor, module: nn.Module) -> str:
+    """Causal when the module says so, or when a square map gives nothing to a later key."""
+    if getattr(module, "is_causal", False):
+        return "causal"
+    queries, keys = weights.shape[-2:]
+    if queries == keys and queries > 1 and bool((weights[0, 0].triu(1) == 0).all()):
+        return "causal"
+    return "self"
 
 
 def _padding_scopes(model: nn.Module, names: dict[int, str]) -> dict[str, str]:
