@@ -256,6 +256,7 @@ def mha_call(
                 use_causal,
                 rows,
                 zero_padded_queries=self_attention,
+                replace=native_kernel,
             )
 
     held = tuple(
@@ -344,9 +345,13 @@ def _mha_weights(
     rows: Tensor | None,
     *,
     zero_padded_queries: bool,
+    replace: bool = False,
 ) -> Tensor:
     """``F.multi_head_attention_forward``'s weights, from (L, B, E) query and (S, B, E) key,
-    for every query or only the query positions ``rows``."""
+    for every query or only the query positions ``rows``. With ``replace`` (the call ran on
+    PyTorch's native kernel, which reads every mask as boolean), a hidden key's score is
+    replaced rather than added to, so a NaN or inf input at a hidden key counts for nothing,
+    as in the kernel."""
     full_len, batch, _ = query.shape
     if rows is not None:
         query = query[rows]
@@ -378,7 +383,11 @@ def _mha_weights(
     if padding is not None:
         padding = padding.view(batch, 1, 1, key_len)
         mask = padding if mask is None else mask + padding
-    weights = softmax_weights(q, k, math.sqrt(1.0 / float(head_dim)), mask)
+    scale = math.sqrt(1.0 / float(head_dim))
+    if replace and mask is not None:  # as the native kernel: a hidden key's score is replaced
+        weights = softmax_weights(q, k, scale, None, mask != 0)
+    else:
+        weights = softmax_weights(q, k, scale, mask)
     if zero_padded_queries and key_padding_mask is not None:
         positions = torch.arange(full_len, device=weights.device) if rows is None else rows
         weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
@@ -532,6 +541,7 @@ class _Session:
             mask_copies=self._mask_copies(),
             kernel_weights=kernel.weights,
             kernel_queries=kernel.qk,
+            native_kernel=kernel.native,
         )
         self.recorder.record(self.names[id(attention)], call)
         return output
@@ -564,6 +574,7 @@ def encoder_layer_call(
     kernel_weights: Tensor | None = None,
     kernel_queries: tuple[Tensor, Tensor] | None = None,
     mask_copies: MaskCopies | None = None,
+    native_kernel: bool = False,
 ) -> AttentionCall:
     """The self-attention of an encoder layer as its slow path would have computed it.
 
@@ -600,4 +611,5 @@ def encoder_layer_call(
         kernel_weights=kernel_weights,
         kernel_queries=kernel_queries,
         mask_copies=mask_copies,
+        native_kernel=native_kernel,
     )
