@@ -415,3 +415,24 @@ class Replacement:
             return self.original(*args, **kwargs)
         finally:
             self._inside.active = False
+
+
+def enlist(members: list[Any], member: Any, stack: ExitStack) -> None:
+    """Add ``member`` to ``members`` (the sessions a wrapper hands its calls to) until ``stack``
+    closes; the removal is registered first.
+
+    >>> sessions: list[str] = []
+    >>> with ExitStack() as stack:
+    ...     enlist(sessions, "mine", stack)
+    ...     print(sessions)
+    ['mine']
+    >>> sessions
+    []
+    """
+
+    def leave() -> None:
+        if member in members:
+            members.remove(member)
+
+    stack.callback(leave)  # before the change it undoes
+    members.append(member)

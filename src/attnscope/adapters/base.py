@@ -13,7 +13,8 @@ capturing thread. ``tests/test_adapters.py`` has a worked example.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack
 from typing import Protocol
 
@@ -21,7 +22,7 @@ from torch import nn
 
 from ..calls import AttentionCall
 
-__all__ = ["Adapter", "AttentionCall", "Recorder"]
+__all__ = ["Adapter", "AttentionCall", "Recorder", "Session"]
 
 
 class Recorder(Protocol):
@@ -53,3 +54,32 @@ class Adapter(Protocol):
         keep: Callable[[str], bool],
     ) -> None:
         """Observe ``selected`` until ``stack`` closes; ``keep`` filters names found at run time."""
+
+
+class Session:
+    """One capture's view of one model, for an adapter that finds calls at run time (a kernel
+    called somewhere below a module): the module names, what was selected, and the thread."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selected: dict[str, nn.Module],
+        recorder: Recorder,
+        keep: Callable[[str], bool],
+    ) -> None:
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.selected = {id(m) for m in selected.values()}
+        self.recorder = recorder
+        self.keep = keep
+        self.thread = threading.get_ident()
+        self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
+
+    def owner(self, callers: Iterable[nn.Module]) -> tuple[nn.Module, str] | None:
+        """The innermost of ``callers`` that is this model's and that the capture keeps."""
+        module = next((m for m in callers if id(m) in self.names), None)
+        if module is None:
+            return None
+        name = self.names[id(module)]
+        if id(module) not in self.selected and not self.keep(name):
+            return None
+        return module, name

@@ -47,9 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import pool
-from ..intercept import Proceed, Replacement, observe
+from ..intercept import Proceed, Replacement, enlist, observe
 from ..recompute import _softmax, is_causal_mask
-from .base import AttentionCall, Recorder
+from .base import AttentionCall, Recorder, Session
 from .sdpa import _CallingModules, _global_names, _warn_if_unsure
 
 _NAME = "flex_attention"
@@ -257,18 +257,13 @@ class FlexAdapter:
                 session.missed[id(module)] = why
                 observe(module, session.observe_missed, stack)
 
-        def leave() -> None:
-            if session in _sessions:
-                _sessions.remove(session)
-
-        stack.callback(leave)  # before the change it undoes
-        _sessions.append(session)
+        enlist(_sessions, session, stack)
         _replacement(home, _NAME).hold(stack)
         for namespace, attribute in scan.globals.values():
             _replacement(namespace, attribute).hold(stack)
 
 
-class _FlexSession:
+class _FlexSession(Session):
     def __init__(
         self,
         model: nn.Module,
@@ -276,22 +271,15 @@ class _FlexSession:
         recorder: Recorder,
         keep: Callable[[str], bool],
     ) -> None:
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.selected = {id(m) for m in selected.values()}
-        self.recorder = recorder
-        self.keep = keep
-        self.thread = threading.get_ident()
-        self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
+        super().__init__(model, selected, recorder, keep)
         self.recorded: dict[int, int] = {}  # calls recorded, by module
         self.missed: dict[int, str] = {}  # why a module's calls may be out of sight
 
     def on_flex(self, callers: Iterable[nn.Module], arguments: dict[str, Any]) -> None:
-        module = next((m for m in callers if id(m) in self.names), None)
-        if module is None:
-            return  # not this model's
-        name = self.names[id(module)]
-        if id(module) not in self.selected and not self.keep(name):
-            return
+        found = self.owner(callers)
+        if found is None:
+            return  # not this model's, or not kept
+        module, name = found
         known = self.kinds.get(id(module))
         call = flex_call(arguments, kind=known, own=self.recorder.keep)
         if known is None:

@@ -44,11 +44,11 @@ from torch import Tensor, nn
 
 from .. import pool
 from ..errors import AttnScopeError
-from ..intercept import Proceed, Replacement, observe
+from ..intercept import Proceed, Replacement, enlist, observe
 from ..padded_rows import blank_rows, padding_of, query_padding
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from . import softmax
-from .base import AttentionCall, Recorder
+from .base import AttentionCall, Recorder, Session
 
 _TORCH_NN_ATTENTION = (
     nn.MultiheadAttention,
@@ -181,12 +181,7 @@ class _CallingModules:
 
 
 def _hold(session: _SdpaSession, stack: ExitStack) -> None:
-    def leave() -> None:
-        if session in _sessions:
-            _sessions.remove(session)
-
-    stack.callback(leave)  # before the change it undoes
-    _sessions.append(session)
+    enlist(_sessions, session, stack)
     _SDPA.hold(stack)
 
 
@@ -287,7 +282,7 @@ class _Frame:
         self.sdpa = False  # it called sdpa: any softmax in it is not its attention
 
 
-class _SdpaSession:
+class _SdpaSession(Session):
     def __init__(
         self,
         model: nn.Module,
@@ -295,25 +290,18 @@ class _SdpaSession:
         recorder: Recorder,
         keep: Callable[[str], bool],
     ) -> None:
-        self.names = {id(m): n for n, m in model.named_modules()}
-        self.selected = {id(m) for m in selected.values()}
-        self.recorder = recorder
-        self.keep = keep
-        self.thread = threading.get_ident()
+        super().__init__(model, selected, recorder, keep)
         self.running: list[_Frame] = []
-        self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
         self.padding_scopes = _padding_scopes(model, self.names)
         self.paddings: list[tuple[str, Tensor]] = []  # (scope, padding) while the model runs
 
     def on_sdpa(
         self, callers: Iterable[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> None:
-        module = next((m for m in callers if id(m) in self.names), None)
-        if module is None or isinstance(module, nn.MultiheadAttention):
+        found = self.owner(callers)
+        if found is None or isinstance(found[0], nn.MultiheadAttention):
             return  # not this model's, or left to the torch.nn adapter
-        name = self.names[id(module)]
-        if id(module) not in self.selected and not self.keep(name):
-            return
+        module, name = found
         frame = next((f for f in reversed(self.running) if f.module is module), None)
         call = _SdpaArgs(*args, **kwargs)
         if self.recorder.keep:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..intercept import Replacement
+from ..intercept import Replacement, enlist
 
 
 class SoftmaxListener(Protocol):
@@ -61,11 +61,6 @@ _FUNCTION: Replacement = Replacement(torch, "softmax", _handler(lambda: _FUNCTIO
 def hold(listener: SoftmaxListener, stack: ExitStack) -> None:
     """Hand ``listener`` every 4-D softmax over the last axis until ``stack`` closes."""
 
-    def leave() -> None:
-        if listener in _listeners:
-            _listeners.remove(listener)
-
-    stack.callback(leave)  # before the change it undoes
-    _listeners.append(listener)
+    enlist(_listeners, listener, stack)
     _METHOD.hold(stack)
     _FUNCTION.hold(stack)
