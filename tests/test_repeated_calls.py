@@ -87,6 +87,11 @@ def test_figures_and_the_page_show_the_last_call_and_say_so(rerun) -> None:
     with pytest.warns(UserWarning, match="last call"):
         page = attnscope.view(attn, element_id="rerun")
     assert "attnscope-rerun" in page._repr_html_()
+    from attnscope.view import page_data
+
+    with pytest.warns(UserWarning, match="last call"):
+        data = page_data(attn)
+    assert f"{SELF}: last of {STEPS} calls" in str(data["note"])  # said on the page itself
 
 
 def test_kv_cache_steps_are_still_joined() -> None:

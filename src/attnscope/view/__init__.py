@@ -219,7 +219,8 @@ def page_data(
     """The page's data: quantised maps, thumbnails, labels, and what was left out."""
     _check(attn, batch, max_bytes, exact_bytes)
     wanted = None if full_heads is None else _full_heads(attn, full_heads)
-    tensors = {name: attn.display(name).weights for name in attn.names}
+    shown = {name: attn.display(name) for name in attn.names}
+    tensors = {name: displayed.weights for name, displayed in shown.items()}
     sizes = {name: w.size(1) * w.size(2) * w.size(3) for name, w in tensors.items()}
     total = sum(sizes.values())
     fits = total * 4 // 3 <= max_bytes
@@ -261,6 +262,15 @@ def page_data(
             f"The full maps need {total * 4 // 3 / 2**20:.1f} MB, over this page's budget of "
             f"{max_bytes / 2**20:.1f} MB: every head is shown as a pooled thumbnail, and "
             f"{kept} selected head(s) at full resolution."
+        )
+    repeated = [f"{name}: {d.note}" for name, d in shown.items() if d.note.startswith("last")]
+    if repeated:  # said on the page too, not only as a warning in the notebook
+        note = " ".join(
+            [
+                *([note] if note else []),
+                "Called several times, not incremental decoding; "
+                f"showing the last call ({'; '.join(repeated)}).",
+            ]
         )
     return {"version": 1, "batch": batch, "maps": maps, "note": note, "exact": exact}
 
