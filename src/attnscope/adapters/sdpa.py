@@ -280,6 +280,7 @@ class _Frame:
         self.mask = mask  # the 4-D mask an eager implementation was given, if any
         self.recorded = 0
         self.sdpa = False  # it called sdpa: any softmax in it is not its attention
+        self.softmaxes: list[Tensor] = []  # copies of 4-D softmaxes it computed itself
 
 
 class _SdpaSession(Session):
@@ -327,22 +328,27 @@ class _SdpaSession(Session):
 
     def on_softmax(self, weights: Tensor) -> None:
         """A softmax over the last axis of a (batch, heads, query, key) tensor, computed by an
-        observed attention module that called no sdpa: its hand-written attention."""
+        observed attention module that called no sdpa: kept (a copy) as its hand-written
+        attention, in case the module returns no weights of its own (see ``_record_returned``:
+        weights it returns win, as an eager implementation's exclude a sink column its softmax
+        had)."""
         frame = self.running[-1] if self.running else None
         if frame is None or frame.sdpa:
             return
-        module = frame.module
-        name = self.names[id(module)]
-        batch, _, queries, keys = weights.shape
+        heads = _head_count(frame.module)
+        if heads is None or weights.size(1) == heads:  # a router's softmax is no head's map
+            frame.softmaxes.append(weights.detach().clone())
+
+    def _record_map(self, name: str, module: nn.Module, frame: _Frame, weights: Tensor) -> None:
         kind = self.kinds.get(id(module))
         if kind is None:
             kind = "cross" if frame.cross else _kind_of(weights, module)
             self.kinds[id(module)] = kind
+        batch, _, queries, keys = weights.shape
         padded = None if kind == "cross" else self._padded_queries(name, batch, queries, keys)
         mask = frame.mask if frame.mask is not None and frame.mask.dim() == 4 else None
-        copied = blank_rows(weights.detach().clone(), _hidden(mask), padded)
-        self.recorder.record(name, AttentionCall.of_weights(kind, copied))
-        frame.recorded += 1
+        weights = blank_rows(weights, _hidden(mask), padded)
+        self.recorder.record(name, AttentionCall.of_weights(kind, weights))
 
     def observe_attention_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
@@ -366,6 +372,10 @@ class _SdpaSession(Session):
         """An eager implementation returns its weights; anything else cannot be observed."""
         weights = _returned_weights(output)
         name = self.names[id(module)]
+        if weights is None and frame.softmaxes:  # hand-written, returning nothing: its softmax
+            for computed in frame.softmaxes:
+                self._record_map(name, module, frame, computed)
+            return
         if weights is None:
             implementation = _implementation(module)
             if implementation in (None, "sdpa", "eager"):
@@ -382,15 +392,7 @@ class _SdpaSession(Session):
                 "make the module call torch.nn.functional.scaled_dot_product_attention; if it "
                 f"computes no attention, leave it out with capture(model, exclude={name!r})"
             )
-        kind = (
-            "cross"
-            if frame.cross
-            else ("causal" if getattr(module, "is_causal", False) else "self")
-        )
-        batch, _, queries, keys = weights.shape
-        padded = None if kind == "cross" else self._padded_queries(name, batch, queries, keys)
-        weights = blank_rows(weights, _hidden(frame.mask), padded)
-        self.recorder.record(name, AttentionCall.of_weights(kind, weights))
+        self._record_map(name, module, frame, weights)
 
     def _padded_queries(self, name: str, batch: int, queries: int, keys: int) -> Tensor | None:
         """The model's own word on which of this call's queries are padding (its 2-D
@@ -431,6 +433,19 @@ def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:
         "says 'self'); if it is a cached self-attention, its rows are the newest positions",
         stacklevel=5,
     )
+
+
+_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+
+def _head_count(module: nn.Module) -> int | None:
+    """The module's head count, under one of the names modules give it, or its config's."""
+    for owner in (module, _attribute(module, "config", None)):
+        for name in _HEAD_COUNTS:
+            value = _attribute(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
 
 
 def _kind_of(weights: Tensor, module: nn.Module) -> str:
