@@ -82,7 +82,7 @@ def layer_matrices(
     layers: list[Tensor] = []
     padded: Tensor | None = None
     for name in maps.names:
-        weights = maps._single(name)
+        weights = maps.display(name).weights
         if weights.size(-1) != weights.size(-2):
             raise AttnScopeError(
                 f"{name!r} is {weights.size(-2)} queries x {weights.size(-1)} keys; rollout needs "
@@ -159,7 +159,7 @@ def alignment(attn: AttentionMaps, name: str, expected: Tensor | None = None) ->
     >>> alignment(maps, "x", torch.arange(3)).score
     1.0
     """
-    weights = attn._single(name).float().mean(dim=1)
+    weights = attn.display(name).weights.float().mean(dim=1)
     valid = weights.sum(dim=-1) > 0
     hard = weights.argmax(dim=-1).masked_fill(~valid, -1)
     score = None

@@ -92,7 +92,7 @@ def head_stats(attn: AttentionMaps) -> HeadTable:
         raise AttnScopeError("head_stats of an empty AttentionMaps")
     rows: list[dict[str, object]] = []
     for name in attn.names:
-        weights = attn._single(name).float()
+        weights = attn.display(name).weights.float()
         kind = attn.kind(name)
         for head, stats in enumerate(_stats(weights, kind)):
             rows.append({"module": name, "head": head, **stats})

@@ -442,9 +442,6 @@ class AttentionMaps:
             return shapes[-1]
         return (*shapes[0][:2], sum(x[2] for x in shapes), max(x[3] for x in shapes))
 
-    def _single(self, name: str) -> Tensor:
-        return self.display(name).weights
-
     # -- interop ----------------------------------------------------------------------------
 
     def to_bertviz(self, batch: int = 0) -> dict[str, Any]:
@@ -457,7 +454,7 @@ class AttentionMaps:
         """
 
         def layers(names: list[str]) -> tuple[Tensor, ...]:
-            return tuple(self._single(n)[batch : batch + 1] for n in names)
+            return tuple(self.display(n).weights[batch : batch + 1] for n in names)
 
         cross = [n for n in self.names if self._kinds[n] == "cross"]
         if not cross:
@@ -483,7 +480,7 @@ class AttentionMaps:
             if not self._calls:
                 raise AttnScopeError("nothing to export: this AttentionMaps is empty")
             name = self.names[0]
-        weights = self._single(name)[batch]
+        weights = self.display(name).weights[batch]
         query_labels, key_labels = self.labels(name, batch)
         tokens = key_labels or query_labels or [str(i) for i in range(weights.size(-1))]
         return {"tokens": tokens, "attention": weights}
