@@ -72,10 +72,16 @@ def _calls_sdpa(module: nn.Module) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _source_calls_sdpa(forward: Callable[..., Any]) -> bool:
+    """Whether a forward calls sdpa itself, or through Hugging Face's attention dispatch
+    (``ALL_ATTENTION_FUNCTIONS``), whatever its class is called (LongCat's ``...MLA``)."""
     try:
-        return "scaled_dot_product_attention" in inspect.getsource(forward)
+        source = inspect.getsource(forward)
     except (OSError, TypeError):
         return False
+    return any(marker in source for marker in _CALLS_ATTENTION)
+
+
+_CALLS_ATTENTION = ("scaled_dot_product_attention", "ALL_ATTENTION_FUNCTIONS")
 
 
 def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
