@@ -50,6 +50,19 @@ from .errors import AttnScopeError
 _SELF, _CROSS = "self", "cross"
 
 
+def _weights(slot: str, attribute: str, doc: str) -> Any:
+    """A kept-weights attribute of a seed layer (None before any forward), computed when read;
+    assigning to it keeps the value given, as the original subclasses' attributes did."""
+
+    def read(layer: Any) -> Tensor | None:
+        return layer._read(slot, attribute)
+
+    def keep(layer: Any, value: Tensor | None) -> None:
+        layer._keep(slot, value)
+
+    return property(read, keep, doc=doc + " None before any forward.")
+
+
 class _Projection:
     """What ``mha_call`` reads of an ``nn.MultiheadAttention``, with copies of its query and key
     projections: the parameters may change (an optimizer step) before the weights are read.
@@ -280,14 +293,9 @@ class TransformerEncoderLayerWithAttn(_KeepsWeights, nn.TransformerEncoderLayer)
     (2, 4, 5, 5)
     """
 
-    @property
-    def attn_weights(self) -> Tensor | None:
-        """The self-attention's per-head weights of the last forward (None before any)."""
-        return self._read(_SELF, "attn_weights")
-
-    @attn_weights.setter
-    def attn_weights(self, value: Tensor | None) -> None:
-        self._keep(_SELF, value)
+    attn_weights = _weights(
+        _SELF, "attn_weights", "The self-attention's per-head weights of the last forward."
+    )
 
     def forward(
         self,
@@ -353,32 +361,13 @@ class TransformerDecoderLayerWithAttn(_KeepsWeights, nn.TransformerDecoderLayer)
     True
     """
 
-    @property
-    def attn_weights(self) -> Tensor | None:
-        """The masked self-attention's per-head weights of the last forward (None before any)."""
-        return self._read(_SELF, "attn_weights")
-
-    @attn_weights.setter
-    def attn_weights(self, value: Tensor | None) -> None:
-        self._keep(_SELF, value)
-
-    @property
-    def self_attn_weights(self) -> Tensor | None:
-        """The same tensor as ``attn_weights``."""
-        return self._read(_SELF, "self_attn_weights")
-
-    @self_attn_weights.setter
-    def self_attn_weights(self, value: Tensor | None) -> None:
-        self._keep(_SELF, value)
-
-    @property
-    def cross_attn_weights(self) -> Tensor | None:
-        """The attention to the memory's per-head weights of the last forward (None before any)."""
-        return self._read(_CROSS, "cross_attn_weights")
-
-    @cross_attn_weights.setter
-    def cross_attn_weights(self, value: Tensor | None) -> None:
-        self._keep(_CROSS, value)
+    attn_weights = _weights(
+        _SELF, "attn_weights", "The masked self-attention's per-head weights of the last forward."
+    )
+    self_attn_weights = _weights(_SELF, "self_attn_weights", "The same tensor as attn_weights.")
+    cross_attn_weights = _weights(
+        _CROSS, "cross_attn_weights", "The attention to the memory's weights of the last forward."
+    )
 
     def forward(
         self,
