@@ -470,3 +470,62 @@ def test_a_compiled_model_run_inside_a_capture_of_its_original_is_refused() -> N
             compiled(x)
         assert torch.equal(compiled(x), expected)
     assert_pristine(model)
+
+
+# -- found by review ------------------------------------------------------------------------
+
+
+def test_softmax_called_with_keywords_inside_a_capture_runs_as_it_would() -> None:
+    class ByHandAttention(nn.Module):
+        num_heads = 2
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q = x.view(-1, 2, 3, 2)
+            return torch.softmax(input=q @ q.transpose(-1, -2), dim=-1) @ q
+
+    model, x = nn.ModuleDict({"attention": ByHandAttention()}), torch.randn(2, 12)
+    expected = model["attention"](x)
+    with attnscope.capture(model) as attn:
+        out = model["attention"](x)
+        unrelated = torch.softmax(input=torch.tensor([0.0, 1.0]), dim=0)
+    assert torch.equal(out, expected)
+    torch.testing.assert_close(unrelated, torch.tensor([0.0, 1.0]).softmax(0))
+    assert attn["attention"].shape == (2, 2, 3, 3)
+
+
+def test_a_signal_whose_handler_returns_during_the_install_keeps_the_capture() -> None:
+    from attnscope.adapters.sdpa import SdpaAdapter
+
+    class Noisy(SdpaAdapter):  # a profiler's signal lands inside the install
+        def install(self, *args: Any, **kwargs: Any) -> None:
+            super().install(*args, **kwargs)
+            signal.raise_signal(signal.SIGUSR1)
+
+    got: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda signum, frame: got.append(signum))
+    try:
+        module = _Deep(depth=0)
+        with torch.no_grad(), attnscope.capture(module, adapters=[Noisy()]) as attn:
+            module(torch.randn(1, 5, 8))
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    assert got == [signal.SIGUSR1]
+    assert len(attn.calls("")) >= 1
+    assert_pristine(module)
+
+
+def test_a_capture_ended_on_another_thread_leaves_signals_working() -> None:
+    model = encoder().eval()
+    context = attnscope.capture(model)
+    context.__enter__()
+    with torch.no_grad():
+        model(sequence(1, 3))
+    ended = threading.Thread(target=lambda: context.__exit__(None, None, None))
+    ended.start()
+    ended.join()
+    assert_pristine(model)
+    with pytest.raises(KeyboardInterrupt):  # the stand-in left passes Ctrl-C on
+        signal.raise_signal(signal.SIGINT)
+    with torch.no_grad(), attnscope.capture(model):  # and the next capture cleans it up
+        model(sequence(1, 3))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -110,3 +110,48 @@ def test_eager_and_sdpa_give_one_map_with_padded_rows_zero(family: str, side: st
             valid = real[:, None, :].expand(-1, weights.size(1), -1)
             torch.testing.assert_close(weights[valid], reference[valid], atol=1e-5, rtol=0)
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+def test_pooled_queries_are_not_taken_for_a_cache_step() -> None:
+    """Funnel pools 7 positions into 4 queries over all 7 keys: no query row is padding by
+    position, so only what the mask says blanks a row."""
+    torch.manual_seed(0)
+    config = transformers.FunnelConfig(
+        d_model=32, n_head=4, d_head=8, d_inner=36, block_sizes=[1, 1], vocab_size=99
+    )
+    model = transformers.FunnelBaseModel(config).eval()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        own = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with attnscope.capture(model) as attn:
+            model(input_ids=ids, attention_mask=mask)
+    pooled = attn["encoder.blocks.1.0.attention"]
+    assert pooled.shape[-2:] == (4, 7)
+    torch.testing.assert_close(pooled[1, :, :3], own[1][1, :, :3], atol=1e-6, rtol=0)
+
+
+def test_train_mode_weights_are_before_dropout_even_when_dropout_empties_a_row() -> None:
+    """An eager module returns its weights after dropout; in training the capture keeps the
+    module's own softmax instead, whose rows are distributions."""
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=36,
+        vocab_size=99,
+        max_position_embeddings=64,
+        attention_probs_dropout_prob=0.5,
+    )
+    torch.manual_seed(0)
+    model = transformers.BertModel(config).train()
+    model.set_attn_implementation("eager")
+    ids = torch.randint(3, 99, (1, 2), generator=torch.Generator().manual_seed(0))
+    for seed in range(100):
+        torch.manual_seed(seed)
+        with attnscope.capture(model) as attn:
+            model(input_ids=ids)
+        sums = attn[attn.names[0]].sum(-1)
+        torch.testing.assert_close(sums, torch.ones_like(sums), atol=1e-5, rtol=0)

@@ -145,9 +145,12 @@ class Capture:
         except BaseException:
             self._close()
             raise
-        if guard.arrived:  # Ctrl-C during the install: the capture does not start
+        try:
+            while guard.arrived:  # signals during the install: their handlers run now; one
+                guard.deliver()  # that raises (Ctrl-C) ends the capture before it starts
+        except BaseException:
             self._close()  # still held: a second one waits too
-            guard.deliver()
+            raise
         guard.held = False  # no call since the check above: nothing arrived in between
         return recorder.maps
 

@@ -113,6 +113,8 @@ class SignalGuard:
 
     def _put_back(self) -> None:
         self.done = True
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; the stand-ins now pass signals on
         for signum in sorted(self.saved, key=lambda number: number == signal.SIGINT):
             if signal.getsignal(signum) == self.handler:
                 signal.signal(signum, _real_handler(self.saved[signum], signum))

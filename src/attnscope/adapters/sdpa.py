@@ -316,7 +316,12 @@ class _SdpaSession(Session):
         known = self.kinds.get(id(module))
         batch, keys = call.query.size(0), call.key.size(-2)
         queries = call.query.size(-2)
-        padded = self._padded_queries(name, batch, queries, keys) if call.query.dim() == 4 else None
+        cached = known == "causal" or call.is_causal or bool(getattr(module, "is_causal", False))
+        padded = (
+            self._padded_queries(name, batch, queries, keys)
+            if call.query.dim() == 4 and (queries == keys or cached)
+            else None
+        )
         attention = sdpa_call(
             call,
             module,
@@ -351,7 +356,10 @@ class _SdpaSession(Session):
             kind = "cross" if frame.cross else _kind_of(weights, module)
             self.kinds[id(module)] = kind
         batch, _, queries, keys = weights.shape
-        padded = None if kind == "cross" else self._padded_queries(name, batch, queries, keys)
+        # fewer queries than keys is a cache step only when causal (pooled or latent queries
+        # are not the last key positions)
+        known_positions = kind != "cross" and (queries == keys or kind == "causal")
+        padded = self._padded_queries(name, batch, queries, keys) if known_positions else None
         mask = frame.mask if frame.mask is not None and frame.mask.dim() == 4 else None
         weights = blank_rows(weights, _hidden(mask), padded)
         self.recorder.record(name, AttentionCall.of_weights(kind, weights))
@@ -378,7 +386,14 @@ class _SdpaSession(Session):
         """An eager implementation returns its weights; anything else cannot be observed."""
         weights = _returned_weights(output)
         name = self.names[id(module)]
-        if weights is None and frame.softmaxes:  # hand-written, returning nothing: its softmax
+        before_dropout = (
+            module.training
+            and weights is not None
+            and [w.shape for w in frame.softmaxes] == [weights.shape]
+        )
+        if frame.softmaxes and (weights is None or before_dropout):
+            # hand-written and returning nothing, or training (what it returns may be after
+            # dropout): its own softmax
             for computed in frame.softmaxes:
                 self._record_map(name, module, frame, computed)
             return

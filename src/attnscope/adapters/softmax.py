@@ -36,19 +36,19 @@ _listeners: list[SoftmaxListener] = []
 
 
 def _dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return kwargs.get("dim", args[0] if args else None)
+    """The ``dim`` of ``softmax(input, dim)`` / ``input.softmax(dim)``, however it was passed."""
+    return kwargs.get("dim", args[1] if len(args) > 1 else None)
 
 
 def _handler(replacement: Callable[[], Replacement]) -> Callable[..., Any]:
-    def observed_softmax(tensor: Any, *args: Any, **kwargs: Any) -> Any:
-        output = replacement().call_original(tensor, *args, **kwargs)
-        if _listeners and isinstance(output, Tensor) and output.dim() == 4:
-            dim = _dim(args, kwargs)
-            if dim in (-1, 3):
-                thread = threading.get_ident()
-                for listener in tuple(_listeners):
-                    if listener.thread == thread:
-                        listener.on_softmax(output)
+    def observed_softmax(*args: Any, **kwargs: Any) -> Any:
+        output = replacement().call_original(*args, **kwargs)  # exactly as it was called
+        heads_first = isinstance(output, Tensor) and output.dim() == 4
+        if _listeners and heads_first and _dim(args, kwargs) in (-1, 3):
+            thread = threading.get_ident()
+            for listener in tuple(_listeners):
+                if listener.thread == thread:
+                    listener.on_softmax(output)
         return output
 
     return observed_softmax
