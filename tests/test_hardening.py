@@ -243,14 +243,20 @@ class _Interrupt:
         self.previous = signal.signal(signal.SIGALRM, self.handler)
         self.fired = 0
 
+    armed = False
+
     def _raise(self, signum: int, frame: Any) -> None:
-        self.fired += 1
-        raise KeyboardInterrupt
+        if self.armed:  # one interrupt per arming: none can land in the test's own handling
+            self.armed = False
+            self.fired += 1
+            raise KeyboardInterrupt
 
     def arm(self, longest: float) -> None:
+        self.armed = True
         signal.setitimer(signal.ITIMER_REAL, self.random.uniform(1e-6, longest))
 
     def disarm(self) -> None:
+        self.armed = False
         signal.setitimer(signal.ITIMER_REAL, 0)
 
     def close(self) -> None:
@@ -274,13 +280,17 @@ def _interrupted_captures(
     span = sorted(durations)[2]
     interrupt = _Interrupt(seed)
     attempts = 0
+    # no_grad entered once, outside the interrupted part: torch's own context managers are not
+    # interrupt-safe, and a grad mode left off would break every later test
+    grad = torch.no_grad()
+    grad.__enter__()
     try:
         while time.perf_counter() - start < seconds and interrupt.fired < interrupts:
             attempts += 1
             try:
                 interrupt.arm(span)
                 try:
-                    with torch.no_grad(), attnscope.capture(model, lazy=attempts % 3 == 0) as a:
+                    with attnscope.capture(model, lazy=attempts % 3 == 0) as a:
                         run()
                     len(a)
                 finally:
@@ -294,6 +304,7 @@ def _interrupted_captures(
             assert signal.getsignal(signal.SIGINT) is signal.default_int_handler, where
     finally:
         interrupt.close()
+        grad.__exit__(None, None, None)
     return attempts, interrupt.fired
 
 
