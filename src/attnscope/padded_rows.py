@@ -33,13 +33,16 @@ def padding_of(attention_mask: object) -> Tensor | None:
     return attention_mask == 0
 
 
-def query_padding(padding: Tensor | None, batch: int, queries: int, keys: int) -> Tensor | None:
-    """The padding of ``queries`` query positions that are the last of ``keys`` positions (a
-    KV cache's step: its queries come after the cached keys), as (batch or 1, queries), when
-    ``padding`` covers exactly those keys."""
+def query_padding(
+    padding: Tensor | None, batch: int, queries: int, keys: int, cached: bool = False
+) -> Tensor | None:
+    """The padding of a call's query positions, as (batch or 1, queries), when ``padding``
+    covers exactly its keys: the same positions for a square call; for fewer queries than
+    keys, only when ``cached`` (a causal KV-cache step, whose queries are the last keys);
+    pooled or latent queries are no key positions at all, so None."""
     if padding is None or padding.size(-1) != keys or padding.size(0) not in (1, batch):
         return None
-    if queries > keys:
+    if queries > keys or (queries < keys and not cached):
         return None
     return padding[:, keys - queries :]
 

@@ -284,8 +284,7 @@ class _Frame:
         self.module = module
         self.cross = cross
         self.mask = mask  # the 4-D mask an eager implementation was given, if any
-        self.recorded = 0
-        self.sdpa = False  # it called sdpa: any softmax in it is not its attention
+        self.recorded = 0  # its sdpa calls: once it made one, no softmax in it is its attention
         self.softmaxes: list[Tensor] = []  # copies of 4-D softmaxes it computed itself
 
 
@@ -318,8 +317,8 @@ class _SdpaSession(Session):
         queries = call.query.size(-2)
         cached = known == "causal" or call.is_causal or bool(getattr(module, "is_causal", False))
         padded = (
-            self._padded_queries(name, batch, queries, keys)
-            if call.query.dim() == 4 and (queries == keys or cached)
+            self._padded_queries(name, batch, queries, keys, cached)
+            if call.query.dim() == 4
             else None
         )
         attention = sdpa_call(
@@ -335,7 +334,6 @@ class _SdpaSession(Session):
         self.recorder.record(name, attention)
         if frame is not None:
             frame.recorded += 1
-            frame.sdpa = True
 
     def on_softmax(self, weights: Tensor) -> None:
         """A softmax over the last axis of a (batch, heads, query, key) tensor, computed by an
@@ -344,7 +342,7 @@ class _SdpaSession(Session):
         weights it returns win, as an eager implementation's exclude a sink column its softmax
         had)."""
         frame = self.running[-1] if self.running else None
-        if frame is None or frame.sdpa:
+        if frame is None or frame.recorded:
             return
         heads = _head_count(frame.module)
         if heads is None or weights.size(1) == heads:  # a router's softmax is no head's map
@@ -356,10 +354,11 @@ class _SdpaSession(Session):
             kind = "cross" if frame.cross else _kind_of(weights, module)
             self.kinds[id(module)] = kind
         batch, _, queries, keys = weights.shape
-        # fewer queries than keys is a cache step only when causal (pooled or latent queries
-        # are not the last key positions)
-        known_positions = kind != "cross" and (queries == keys or kind == "causal")
-        padded = self._padded_queries(name, batch, queries, keys) if known_positions else None
+        padded = (
+            None
+            if kind == "cross"
+            else self._padded_queries(name, batch, queries, keys, kind == "causal")
+        )
         mask = frame.mask if frame.mask is not None and frame.mask.dim() == 4 else None
         weights = blank_rows(weights, _hidden(mask), padded)
         self.recorder.record(name, AttentionCall.of_weights(kind, weights))
@@ -378,7 +377,7 @@ class _SdpaSession(Session):
             output = proceed()
         finally:
             self.running.pop()
-        if frame.recorded == 0 and self.recorder.calls == before:  # no adapter recorded it
+        if self.recorder.calls == before:  # no adapter recorded anything while it ran
             self._record_returned(module, output, frame)
         return output
 
@@ -415,12 +414,14 @@ class _SdpaSession(Session):
             )
         self._record_map(name, module, frame, weights)
 
-    def _padded_queries(self, name: str, batch: int, queries: int, keys: int) -> Tensor | None:
+    def _padded_queries(
+        self, name: str, batch: int, queries: int, keys: int, cached: bool
+    ) -> Tensor | None:
         """The model's own word on which of this call's queries are padding (its 2-D
-        ``attention_mask``, for the modules it applies to), or None."""
+        ``attention_mask``, for the modules it applies to), or None (``query_padding``)."""
         for scope, padding in reversed(self.paddings):
             if not scope or name == scope or name.startswith(scope + "."):
-                return query_padding(padding, batch, queries, keys)
+                return query_padding(padding, batch, queries, keys, cached)
         return None
 
     def observe_model(
