@@ -142,17 +142,10 @@ def test_two_threads_capturing_one_model_at_once_each_get_their_own() -> None:
 
 
 def test_hugging_face_plain_inference_on_another_thread_is_untouched() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-    )
-    model = transformers.BertModel(config).eval()
+    pytest.importorskip("transformers")
+    from hf_models import build
+
+    model = build("bert").model
     ids = torch.randint(3, 99, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).last_hidden_state
@@ -330,10 +323,10 @@ def test_ctrl_c_at_any_moment_leaves_nothing_behind_torch_nn() -> None:
 
 @pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs POSIX interval timers")
 def test_ctrl_c_at_any_moment_leaves_nothing_behind_hugging_face() -> None:
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=32)
-    model = transformers.GPT2Model(config).eval()
+    pytest.importorskip("transformers")
+    from hf_models import build
+
+    model = build("gpt2").model
     ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(input_ids=ids).last_hidden_state

@@ -3,8 +3,6 @@ only where its query is padding or sees no key, on every path, eager or sdpa."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -60,36 +58,14 @@ def test_a_query_that_sees_no_key_is_a_zero_row() -> None:
         torch.testing.assert_close(got, _by_hand(module, x, keep), atol=1e-6, rtol=0)
 
 
-def _gpt2() -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=99, n_positions=32)
-    sdpa = transformers.GPT2Model(config).eval()
-    eager = copy.deepcopy(sdpa)
-    eager.set_attn_implementation("eager")
-    return sdpa, eager
-
-
-def _bert() -> tuple[nn.Module, nn.Module]:
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=37,
-        vocab_size=99,
-        max_position_embeddings=64,
-    )
-    sdpa = transformers.BertModel(config).eval()
-    eager = copy.deepcopy(sdpa)
-    eager.set_attn_implementation("eager")
-    return sdpa, eager
-
-
 @pytest.mark.parametrize(
     ("family", "side"), [("gpt2", "left"), ("gpt2", "right"), ("bert", "right"), ("bert", "left")]
 )
 def test_eager_and_sdpa_give_one_map_with_padded_rows_zero(family: str, side: str) -> None:
-    sdpa, eager = _gpt2() if family == "gpt2" else _bert()
+    from hf_models import build  # the suite's tiny models: sdpa, and a copy loaded eager
+
+    built = build(family)
+    sdpa, eager = built.model, built.eager
     ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(1))
     lengths = torch.tensor([7, 4])
     real = torch.arange(7)[None, :] < lengths[:, None]
