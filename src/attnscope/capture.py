@@ -15,8 +15,10 @@ eager implementation returning them), take the kernel's own. Outputs are bit-ide
 
 Lifetimes: everything an adapter changes is pushed on one ``ExitStack`` with its undo
 (registered before the change), and the stack is closed on every exit: normal, exception or
-KeyboardInterrupt. Install and restore run ``uninterruptible`` (a Ctrl-C arriving meanwhile is
-delivered right after), so nothing remains, whenever the interrupt comes. Only the calls of the
+KeyboardInterrupt. Install and restore run under the capture's ``SignalGuard``, held from the
+first line of each (a Ctrl-C arriving meanwhile is delivered right after), and a finalizer
+closes the stack if an interrupt lands as ``__exit__`` is entered: nothing remains, whenever
+the interrupt comes. Only the calls of the
 thread that entered the capture are recorded (``attnscope.intercept``). The ``AttentionMaps``
 returned holds tensors only, never the model.
 """
