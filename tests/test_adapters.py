@@ -22,9 +22,11 @@ from attnscope.intercept import Replacement, observe
 
 
 def fancy_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """A user's own fused kernel: softmax(q kᵀ / √d + bias) v, weights never returned."""
+    """A user's own kernel: softmax(q kᵀ / √d + bias) v, weights never returned, its softmax
+    written out (so not PyTorch's softmax, which attnscope would find by itself)."""
     scores = q @ k.transpose(-2, -1) / math.sqrt(q.size(-1)) + bias
-    return scores.softmax(-1) @ v
+    exp = torch.exp(scores - scores.amax(-1, keepdim=True))
+    return (exp / exp.sum(-1, keepdim=True)) @ v
 
 
 class FancyBlock(nn.Module):
@@ -113,8 +115,12 @@ def test_a_users_adapter_captures_a_kernel_attnscope_never_heard_of() -> None:
 
 def test_a_registered_adapter_is_used_by_every_capture_until_unregistered() -> None:
     model, x = _model(), torch.randn(1, 4, 8)
-    with pytest.raises(attnscope.AttnScopeError, match="found no attention module"):
-        attnscope.capture(model).__enter__()
+    with (  # its modules are the user's own: only what runs can tell, so it runs first
+        pytest.raises(attnscope.AttnScopeError, match="found no attention module"),
+        torch.no_grad(),
+        attnscope.capture(model),
+    ):
+        model(x)
     unregister = attnscope.register_adapter(FancyAdapter(), priority=30)
     try:
         names = [a.name for a in attnscope.adapters.default_adapters()]

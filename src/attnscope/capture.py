@@ -126,6 +126,7 @@ class Capture:
         self._guard = SignalGuard()
         self._close: weakref.finalize | None = None
         self._used = False
+        self._found_before = True
 
     def __enter__(self) -> AttentionMaps:
         if self._used:
@@ -135,6 +136,9 @@ class Capture:
             )
         self._used = True
         found, recorder = _prepare(self._model, **self._options)
+        self._recorder = recorder
+        self._adapters = [adapter for adapter, _, _ in found]
+        self._found_before = any(modules for _, modules, _ in found)
         guard, stack = self._guard, ExitStack()
         # the backstop, for an interrupt landing as __exit__ is entered, before its first line:
         # the stack is closed when this object goes (at once, by reference count)
@@ -161,6 +165,13 @@ class Capture:
         if self._close is not None:
             self._close()
         self._guard.deliver()
+        if exc_info[0] is None and not self._found_before:
+            maps = self._recorder.maps
+            if not maps.names and not maps.skipped:  # nothing found before, nor while it ran
+                raise AttnScopeError(
+                    _nothing_found(self._model, self._adapters)
+                    + ". Nothing ran in the block that looked like attention"
+                )
 
 
 def _restore(stack: ExitStack, guard: SignalGuard) -> None:
@@ -262,16 +273,11 @@ def _prepare(
         seen.update(id(m) for m in modules.values())
         found.append((adapter, modules))
     available = [name for _, modules in found for name in modules]
-    if not available:
-        recognised = ", ".join(r for a in adapters for r in a.recognises)
-        raise AttnScopeError(
-            f"found no attention module in {type(model).__name__}; attnscope recognises "
-            f"{recognised}. If your model computes attention another way, bring your own weights "
-            "with attnscope.AttentionMaps.from_tensors(...)"
-        )
+    if not available and _only_torch_modules(model):
+        raise AttnScopeError(_nothing_found(model, adapters))
     if lazy and spill is not None:
         raise AttnScopeError("lazy=True and spill= exclude each other: choose one")
-    selected = set(filter_names(available, include, exclude))
+    selected = set(_select(model, available, include, exclude))
     keep_include = matcher(include) if include is not None else None
     drop = matcher(exclude) if exclude is not None else None
 
@@ -303,6 +309,46 @@ def _prepare(
         (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found
     ]
     return chosen, recorder
+
+
+def _only_torch_modules(model: nn.Module) -> bool:
+    """Whether every module of ``model`` is one of PyTorch's own: then nothing in it can
+    compute attention that no adapter found (no module of its own runs a softmax by hand)."""
+    return all(type(m).__module__.startswith("torch.") for m in model.modules())
+
+
+def _nothing_found(model: nn.Module, adapters: Sequence[Adapter]) -> str:
+    recognised = ", ".join(r for a in adapters for r in a.recognises)
+    return (
+        f"found no attention module in {type(model).__name__}; attnscope recognises "
+        f"{recognised}, and hand-written attention (a softmax over (batch, heads, query, key) "
+        "scores that multiplies the values). If your model computes attention another way, "
+        "bring your own weights with attnscope.AttentionMaps.from_tensors(...) or write an "
+        "adapter (attnscope.register_adapter)"
+    )
+
+
+def _select(
+    model: nn.Module,
+    available: list[str],
+    include: NamesFilter | None,
+    exclude: NamesFilter | None,
+) -> list[str]:
+    """The modules found before the run that ``include``/``exclude`` keep. An ``include`` that
+    names none of them but names modules of the model is kept for the run: attention found by
+    what runs (hand-written, or a kernel called from an unexpected module) may be there."""
+    if not available:
+        return []
+    try:
+        return filter_names(available, include, exclude)
+    except AttnScopeError:
+        if include is None or not any(map(matcher(include), _names(model))):
+            raise
+        return [n for n in available if matcher(include)(n)]
+
+
+def _names(model: nn.Module) -> list[str]:
+    return [name for name, _ in model.named_modules()]
 
 
 def _check_indices(values: Sequence[int] | None, option: str, what: str) -> Sequence[int] | None:

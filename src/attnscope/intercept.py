@@ -333,6 +333,53 @@ def is_observed(module: nn.Module) -> bool:
     return module in _observed
 
 
+# -- attributing a call to the module that made it -------------------------------------------
+
+
+class CallingModules:
+    """The modules whose methods are on the Python stack above ``frame`` (each frame's ``self``
+    argument), innermost first, read lazily: a caller looking for the first module of its model
+    stops there, however deep the stack. ``locals_of(module)`` is that module's frame's local
+    variables (its forward's arguments), read while the frame still runs.
+
+    >>> class Inner(nn.Module):
+    ...     def forward(self, x):
+    ...         return [type(m).__name__ for m in CallingModules(sys._getframe())]
+    >>> class Outer(nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.inner = Inner()
+    ...     def forward(self, x):
+    ...         return self.inner(x)
+    >>> Outer()(None)[:2]
+    ['Inner', 'Outer']
+    """
+
+    def __init__(self, frame: Any) -> None:
+        self._frame = frame
+        self._found: list[nn.Module] = []
+        self._frames: dict[int, Any] = {}
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        yield from self._found
+        while self._frame is not None:
+            frame, self._frame = self._frame, self._frame.f_back
+            code = frame.f_code
+            if code.co_argcount and code.co_varnames[0] == "self":
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, nn.Module) and (
+                    not self._found or self._found[-1] is not owner
+                ):
+                    self._found.append(owner)
+                    self._frames[id(owner)] = frame
+                    yield owner
+
+    def locals_of(self, module: nn.Module) -> dict[str, Any]:
+        """The innermost running method's locals of ``module`` (found by iterating first)."""
+        frame = self._frames.get(id(module))
+        return {} if frame is None else dict(frame.f_locals)
+
+
 # -- replacing functions ---------------------------------------------------------------------
 
 

@@ -47,10 +47,10 @@ import torch
 from torch import Tensor, nn
 
 from .. import pool
-from ..intercept import Proceed, Replacement, enlist, observe
+from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
 from ..recompute import _softmax, is_causal_mask
 from .base import AttentionCall, Recorder, Session
-from .sdpa import _CallingModules, _global_names, _warn_if_unsure
+from .sdpa import _global_names, _warn_if_unsure
 
 _NAME = "flex_attention"
 _DEPTH = 2  # module-level functions followed from a class's methods, for bound references
@@ -98,7 +98,7 @@ def _observed_flex(made: list[Replacement], *args: Any, **kwargs: Any) -> Any:
     thread = threading.get_ident()
     sessions = [session for session in tuple(_sessions) if session.thread == thread]
     if sessions:
-        callers = _CallingModules(sys._getframe(1))
+        callers = CallingModules(sys._getframe(1))
         arguments = _signature(replacement.kernel).bind(*args, **kwargs)
         arguments.apply_defaults()
         for session in sessions:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from .. import pool
 from ..errors import AttnScopeError
-from ..intercept import Proceed, Replacement, enlist, observe
+from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
 from ..padded_rows import blank_rows, padding_of, query_padding
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from . import softmax
@@ -155,35 +155,13 @@ def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
     thread = threading.get_ident()
     sessions = [session for session in tuple(_sessions) if session.thread == thread]
     if sessions:
-        callers = _CallingModules(sys._getframe(1))
+        callers = CallingModules(sys._getframe(1))
         for session in sessions:
             session.on_sdpa(callers, args, kwargs)
     return output
 
 
 _SDPA = Replacement(F, "scaled_dot_product_attention", _observed_sdpa)
-
-
-class _CallingModules:
-    """Modules whose methods are on the stack (frame ``self`` arguments), innermost first,
-    read lazily: a session stops at the first module of its model, however deep."""
-
-    def __init__(self, frame: Any) -> None:
-        self._frame = frame
-        self._found: list[nn.Module] = []
-
-    def __iter__(self) -> Iterator[nn.Module]:
-        yield from self._found
-        while self._frame is not None:
-            frame, self._frame = self._frame, self._frame.f_back
-            code = frame.f_code
-            if code.co_argcount and code.co_varnames[0] == "self":
-                owner = frame.f_locals.get("self")
-                if isinstance(owner, nn.Module) and (
-                    not self._found or self._found[-1] is not owner
-                ):
-                    self._found.append(owner)
-                    yield owner
 
 
 def _hold(session: _SdpaSession, stack: ExitStack) -> None:
@@ -221,8 +199,7 @@ class SdpaAdapter:
         for module in selected.values():
             observe(module, session.observe_attention_module, stack)
         _hold(session, stack)
-        if selected:  # hand-written attention inside them: their own softmax (``softmax``)
-            softmax.hold(session, stack)
+        softmax.hold(session, stack)  # hand-written attention: the model's own softmax
 
 
 def _warn_of_unseen_calls(model: nn.Module, keep: Callable[[str], bool]) -> None:
@@ -335,18 +312,37 @@ class _SdpaSession(Session):
         if frame is not None:
             frame.recorded += 1
 
-    def on_softmax(self, weights: Tensor) -> None:
-        """A softmax over the last axis of a (batch, heads, query, key) tensor, computed by an
-        observed attention module that called no sdpa: kept (a copy) as its hand-written
-        attention, in case the module returns no weights of its own (see ``_record_returned``:
-        weights it returns win, as an eager implementation's exclude a sink column its softmax
-        had)."""
+    def on_softmax(self, weights: Tensor, callers: CallingModules) -> softmax.Finish | None:
+        """A softmax over the last axis of a (batch, heads, query, key) tensor.
+
+        Inside an observed attention module that called no sdpa, a copy is kept as its
+        hand-written attention, in case the module returns no weights of its own (see
+        ``_record_returned``: weights it returns win, as an eager implementation's exclude a
+        sink column its softmax had). Anywhere else in the model, whatever the module is
+        called, it is attention if the module multiplies something by it: ``softmax`` hands
+        it back then, and it is recorded under the innermost module that computed it.
+        """
         frame = self.running[-1] if self.running else None
-        if frame is None or frame.recorded:
-            return
-        heads = _head_count(frame.module)
-        if heads is None or weights.size(1) == heads:  # a router's softmax is no head's map
-            frame.softmaxes.append(weights.detach().clone())
+        if frame is not None:
+            if not frame.recorded and _heads_agree(frame.module, weights):
+                frame.softmaxes.append(weights.detach().clone())
+            return None
+        found = self.owner(callers)
+        if found is None or isinstance(found[0], _TORCH_NN_ATTENTION):
+            return None
+        module, name = found
+        if not _heads_agree(module, weights):
+            return None
+        given = callers.locals_of(module)
+        cross = any(given.get(k) is not None for k in _CROSS_KWARGS)
+        mask = given.get("attention_mask")
+        masks = isinstance(mask, Tensor) and (mask.dtype == torch.bool or mask.is_floating_point())
+
+        def finish(product: Tensor) -> None:
+            frame = _Frame(module, cross, mask if masks else None)
+            self._record_map(name, module, frame, product.detach().clone())
+
+        return finish
 
     def _record_map(self, name: str, module: nn.Module, frame: _Frame, weights: Tensor) -> None:
         kind = self.kinds.get(id(module))
@@ -468,6 +464,13 @@ def _head_count(module: nn.Module) -> int | None:
             if isinstance(value, int) and not isinstance(value, bool) and value > 0:
                 return value
     return None
+
+
+def _heads_agree(module: nn.Module, weights: Tensor) -> bool:
+    """Whether a (batch, heads, ...) softmax has the module's head count, where it says one (a
+    router's or a deformable attention's softmax, (batch, query, heads, points), has not)."""
+    heads = _head_count(module)
+    return heads is None or weights.size(1) == heads
 
 
 def _kind_of(weights: Tensor, module: nn.Module) -> str:

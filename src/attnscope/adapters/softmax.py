@@ -1,21 +1,34 @@
-"""Hand-written attention: the softmax an attention module computes itself.
+"""Hand-written attention: the softmax a module computes itself, found by what runs.
 
 Design note
 -----------
-Many models (DeBERTa, XLNet, XLM, MPNet, OpenAI-GPT, ...) have no sdpa path: their attention
-module computes ``softmax(scores)`` with PyTorch's own softmax and multiplies the values by it,
-returning the weights only when asked (``output_attentions=True``). While a capture observes
-such a module (the sdpa adapter finds modules named like attention), ``Tensor.softmax`` and
-``torch.softmax`` (``F.softmax`` and ``nn.Softmax`` call the former) are thin wrappers
-(``intercept.Replacement``): each call runs unchanged, and a (batch, heads, query, key) result
-over the last axis, computed inside an observed attention module on the capturing thread, is
-handed to that module's session as a copy. Those are the model's own numbers, exact by
-construction, and the output is untouched. Restored on exit, as every replacement is.
+Many models (DeBERTa, XLNet, XLM, MPNet, OpenAI-GPT, ...) and many users' modules have no sdpa
+path: they compute ``softmax(scores)`` with PyTorch's own softmax and multiply the values by
+it. While a capture runs, ``Tensor.softmax`` and ``torch.softmax`` (``F.softmax`` and
+``nn.Softmax`` call the former) are thin wrappers (``intercept.Replacement``): each call runs
+unchanged, and a (batch, heads, query, key) result over the last axis, computed on the
+capturing thread, is offered to the capture's listeners with the modules on the stack
+(``intercept.CallingModules``), whatever those modules are called.
+
+A listener either takes the softmax at once (inside a module it already knows is attention)
+or asks to see whether it is attention: whether the module then multiplies something by it.
+The products attention uses (``@``, ``matmul``, ``bmm``, ``einsum``) are wrapped too, and the
+first one given a tensor sharing the softmax's storage (the softmax itself, or a view of it)
+hands the listener the softmax as it is then (after any in-place masking the model applied),
+before the product runs. A softmax nothing multiplies (a classifier's probabilities) is never
+recorded. Those are the model's own numbers, exact by construction, and the output is
+untouched. Everything is restored on exit, as every replacement is.
+
+Costs: one Python call per softmax and per product while a capture is active; a storage
+comparison per product only while a softmax waits (weakly held, so a tensor the model drops
+is forgotten with it).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
+import weakref
 from collections.abc import Callable
 from contextlib import ExitStack
 from typing import Any, Protocol
@@ -23,16 +36,30 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from ..intercept import Replacement, enlist
+from ..intercept import CallingModules, Replacement, enlist
+
+Finish = Callable[[Tensor], None]
 
 
 class SoftmaxListener(Protocol):
     thread: int
 
-    def on_softmax(self, weights: Tensor) -> None: ...
+    def on_softmax(self, weights: Tensor, callers: CallingModules) -> Finish | None:
+        """Take ``weights`` now (return None), or return what to call with them once they
+        multiply something (the sign that they are attention)."""
 
 
 _listeners: list[SoftmaxListener] = []
+_Entry = tuple[int, "weakref.ref[Tensor]", SoftmaxListener, Finish]
+_MAX_WAITING = 64  # softmaxes awaiting a product, per thread; the oldest are forgotten
+
+
+class _Waiting(threading.local):
+    def __init__(self) -> None:
+        self.softmaxes: list[_Entry] = []  # (storage, softmax, listener, finish)
+
+
+_waiting = _Waiting()
 
 
 def _dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -40,27 +67,78 @@ def _dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     return kwargs.get("dim", args[1] if len(args) > 1 else None)
 
 
-def _handler(replacement: Callable[[], Replacement]) -> Callable[..., Any]:
+def _storage(tensor: Tensor) -> int | None:
+    try:
+        return int(tensor.untyped_storage().data_ptr())
+    except (RuntimeError, NotImplementedError):  # no storage (meta, some subclasses)
+        return None
+
+
+def _softmax_handler(replacement: Callable[[], Replacement]) -> Callable[..., Any]:
     def observed_softmax(*args: Any, **kwargs: Any) -> Any:
         output = replacement().call_original(*args, **kwargs)  # exactly as it was called
         heads_first = isinstance(output, Tensor) and output.dim() == 4
         if _listeners and heads_first and _dim(args, kwargs) in (-1, 3):
             thread = threading.get_ident()
+            callers = CallingModules(sys._getframe(1))
             for listener in tuple(_listeners):
-                if listener.thread == thread:
-                    listener.on_softmax(output)
+                if listener.thread != thread:
+                    continue
+                finish = listener.on_softmax(output, callers)
+                storage = None if finish is None else _storage(output)
+                if finish is not None and storage is not None:
+                    waiting = _waiting.softmaxes
+                    waiting.append((storage, weakref.ref(output), listener, finish))
+                    del waiting[:-_MAX_WAITING]
         return output
 
     return observed_softmax
 
 
-_METHOD: Replacement = Replacement(torch.Tensor, "softmax", _handler(lambda: _METHOD))
-_FUNCTION: Replacement = Replacement(torch, "softmax", _handler(lambda: _FUNCTION))
+def _product_handler(replacement: Callable[[], Replacement]) -> Callable[..., Any]:
+    def observed_product(*args: Any, **kwargs: Any) -> Any:
+        waiting = _waiting.softmaxes
+        if waiting:
+            _hand_over(waiting, args)
+        return replacement().call_original(*args, **kwargs)
+
+    return observed_product
+
+
+def _hand_over(waiting: list[_Entry], args: tuple[Any, ...]) -> None:
+    storages = {_storage(a) for a in args if isinstance(a, Tensor)}
+    for entry in tuple(waiting):
+        storage, ref, _, finish = entry
+        weights = ref()
+        if weights is None or storage in storages:
+            waiting.remove(entry)
+            if weights is not None:
+                finish(weights)
+
+
+_SOFTMAX = (
+    _METHOD := Replacement(torch.Tensor, "softmax", _softmax_handler(lambda: _METHOD)),
+    _FUNCTION := Replacement(torch, "softmax", _softmax_handler(lambda: _FUNCTION)),
+)
+_PRODUCTS = (
+    _MATMUL_OP := Replacement(torch.Tensor, "__matmul__", _product_handler(lambda: _MATMUL_OP)),
+    _MATMUL_METHOD := Replacement(torch.Tensor, "matmul", _product_handler(lambda: _MATMUL_METHOD)),
+    _MATMUL := Replacement(torch, "matmul", _product_handler(lambda: _MATMUL)),
+    _BMM_METHOD := Replacement(torch.Tensor, "bmm", _product_handler(lambda: _BMM_METHOD)),
+    _BMM := Replacement(torch, "bmm", _product_handler(lambda: _BMM)),
+    _EINSUM := Replacement(torch, "einsum", _product_handler(lambda: _EINSUM)),
+)
 
 
 def hold(listener: SoftmaxListener, stack: ExitStack) -> None:
-    """Hand ``listener`` every 4-D softmax over the last axis until ``stack`` closes."""
+    """Offer ``listener`` every 4-D softmax over the last axis until ``stack`` closes."""
 
+    waiting = _waiting.softmaxes  # this thread's: the listener's
+
+    def forget() -> None:  # its softmaxes still waiting, which no product took
+        waiting[:] = [entry for entry in waiting if entry[2] is not listener]
+
+    stack.callback(forget)
     enlist(_listeners, listener, stack)
-    _METHOD.hold(stack)
-    _FUNCTION.hold(stack)
+    for replacement in (*_SOFTMAX, *_PRODUCTS):
+        replacement.hold(stack)
