@@ -50,6 +50,15 @@ class SoftmaxListener(Protocol):
 
 
 _listeners: list[SoftmaxListener] = []
+_SOFTMAXES = ((torch.Tensor, "softmax"), (torch, "softmax"))  # F.softmax calls the first
+_PRODUCTS_USED = (  # what multiplies values by weights in hand-written attention
+    (torch.Tensor, "__matmul__"),
+    (torch.Tensor, "matmul"),
+    (torch, "matmul"),
+    (torch.Tensor, "bmm"),
+    (torch, "bmm"),
+    (torch, "einsum"),
+)
 _Entry = tuple[int, "weakref.ref[Tensor]", SoftmaxListener, Finish]
 _MAX_WAITING = 64  # softmaxes awaiting a product, per thread; the oldest are forgotten
 
@@ -116,18 +125,16 @@ def _hand_over(waiting: list[_Entry], args: tuple[Any, ...]) -> None:
                 finish(weights)
 
 
-_SOFTMAX = (
-    _METHOD := Replacement(torch.Tensor, "softmax", _softmax_handler(lambda: _METHOD)),
-    _FUNCTION := Replacement(torch, "softmax", _softmax_handler(lambda: _FUNCTION)),
-)
-_PRODUCTS = (
-    _MATMUL_OP := Replacement(torch.Tensor, "__matmul__", _product_handler(lambda: _MATMUL_OP)),
-    _MATMUL_METHOD := Replacement(torch.Tensor, "matmul", _product_handler(lambda: _MATMUL_METHOD)),
-    _MATMUL := Replacement(torch, "matmul", _product_handler(lambda: _MATMUL)),
-    _BMM_METHOD := Replacement(torch.Tensor, "bmm", _product_handler(lambda: _BMM_METHOD)),
-    _BMM := Replacement(torch, "bmm", _product_handler(lambda: _BMM)),
-    _EINSUM := Replacement(torch, "einsum", _product_handler(lambda: _EINSUM)),
-)
+def _wrapped(
+    namespace: Any, attribute: str, handler: Callable[[Callable[[], Replacement]], Any]
+) -> Replacement:
+    made: list[Replacement] = []
+    made.append(Replacement(namespace, attribute, handler(lambda: made[0])))
+    return made[0]
+
+
+_SOFTMAX = tuple(_wrapped(ns, attr, _softmax_handler) for ns, attr in _SOFTMAXES)
+_PRODUCTS = tuple(_wrapped(ns, attr, _product_handler) for ns, attr in _PRODUCTS_USED)
 
 
 def hold(listener: SoftmaxListener, stack: ExitStack) -> None:
