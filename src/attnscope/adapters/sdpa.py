@@ -15,11 +15,14 @@ on the Python call stack (the frame's ``self``), found by walking frames only wh
 is called, so nothing is hooked on the model and no other op pays for it. Calls from inside
 ``nn.MultiheadAttention`` are left to the torch.nn adapter.
 
-Attention modules found statically (leaf-most modules whose class name says attention, or
-whose forward calls the kernel) are also observed, to learn whether a call is cross-attention
-(``key_value_states`` / ``encoder_hidden_states``), to take the weights an eager
-implementation returns, and to raise instead of returning nothing when attention ran through
-a kernel attnscope cannot see (flash-attn, a pre-bound reference).
+Attention modules found before the run (leaf-most modules whose class name says attention,
+or whose forward calls the kernel or Hugging Face's dispatch) are also observed, to learn
+whether a call is cross-attention, to take the weights an eager implementation returns, and to
+list in ``attn.skipped`` a module that ran but attended through a kernel attnscope cannot see
+(a pre-bound reference, no softmax at all). They are hints, not the rule: a call is recorded
+under whichever module of the model makes it, and hand-written attention anywhere is found by
+its softmax (``softmax``). What is Hugging Face's own (padding masks, cross-attention
+arguments, eager weights, packed heads) is read through ``hf``.
 
 Restored on exit: ``torch.nn.functional.scaled_dot_product_attention`` (when no capture
 remains) and the observed modules' ``forward`` attributes.
@@ -47,7 +50,7 @@ from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
 from ..padded_rows import blank_rows, padding_of, query_padding
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
-from . import softmax
+from . import hf, softmax
 from .base import AttentionCall, Recorder, Session
 
 _TORCH_NN_ATTENTION = (
@@ -58,7 +61,6 @@ _TORCH_NN_ATTENTION = (
     nn.TransformerDecoder,
     nn.Transformer,
 )
-_CROSS_KWARGS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
 
 
 def _says_attention(module: nn.Module) -> bool:
@@ -81,7 +83,7 @@ def _source_calls_sdpa(forward: Callable[..., Any]) -> bool:
     return any(marker in source for marker in _CALLS_ATTENTION)
 
 
-_CALLS_ATTENTION = ("scaled_dot_product_attention", "ALL_ATTENTION_FUNCTIONS")
+_CALLS_ATTENTION = ("scaled_dot_product_attention", hf.DISPATCH)
 
 
 def find_attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -275,7 +277,7 @@ class _SdpaSession(Session):
     ) -> None:
         super().__init__(model, selected, recorder, keep)
         self.running: list[_Frame] = []
-        self.padding_scopes = _padding_scopes(model, self.names)
+        self.padding_scopes = hf.padding_scopes(model, self.names)
         self.paddings: list[tuple[str, Tensor]] = []  # (scope, padding) while the model runs
 
     def on_sdpa(
@@ -334,7 +336,7 @@ class _SdpaSession(Session):
         if not _heads_agree(module, weights):
             return None
         given = callers.locals_of(module)
-        cross = any(given.get(k) is not None for k in _CROSS_KWARGS)
+        cross = hf.is_cross(given, module)
         mask = given.get("attention_mask")
         masks = isinstance(mask, Tensor) and (mask.dtype == torch.bool or mask.is_floating_point())
 
@@ -362,9 +364,7 @@ class _SdpaSession(Session):
     def observe_attention_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
-        cross = any(kwargs.get(k) is not None for k in _CROSS_KWARGS) or bool(
-            getattr(module, "is_cross_attention", False)
-        )
+        cross = hf.is_cross(kwargs, module)
         mask = kwargs.get("attention_mask")
         frame = _Frame(module, cross, mask if isinstance(mask, Tensor) else None)
         before = self.recorder.calls
@@ -379,7 +379,7 @@ class _SdpaSession(Session):
 
     def _record_returned(self, module: nn.Module, output: Any, frame: _Frame) -> None:
         """An eager implementation returns its weights; anything else cannot be observed."""
-        weights = _returned_weights(output)
+        weights = hf.eager_weights(output)
         name = self.names[id(module)]
         before_dropout = (
             module.training
@@ -393,7 +393,7 @@ class _SdpaSession(Session):
                 self._record_map(name, module, frame, computed)
             return
         if weights is None:
-            implementation = _implementation(module)
+            implementation = hf.implementation(module)
             if implementation in (None, "sdpa", "eager"):
                 bound = _prebound_sdpa(type(module))
                 if bound:
@@ -424,7 +424,7 @@ class _SdpaSession(Session):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
         """Note the padding masks the model is called with while it runs."""
-        given = _arguments(type(module).forward, (module, *args), kwargs)
+        given = hf.arguments(type(module).forward, (module, *args), kwargs)
         noted = [
             (scope, padding)
             for argument, scope in self.padding_scopes.items()
@@ -446,30 +446,18 @@ def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:
         return
     warnings.warn(
         f"{name} ({type(module).__name__}): its first call has {queries} queries over {keys} "
-        f"keys and no cross-attention argument ({', '.join(_CROSS_KWARGS)}), so it is labelled "
-        "'self'. If it attends to another sequence, read it as cross-attention (attn.kind() "
-        "says 'self'); if it is a cached self-attention, its rows are the newest positions",
+        f"keys and no cross-attention argument ({', '.join(hf.CROSS_ARGUMENTS)}), so it is "
+        "labelled 'self'. If it attends to another sequence, read it as cross-attention "
+        "(attn.kind() says 'self'); if it is a cached self-attention, its rows are the newest "
+        "positions",
         stacklevel=5,
     )
-
-
-_HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
-
-
-def _head_count(module: nn.Module) -> int | None:
-    """The module's head count, under one of the names modules give it, or its config's."""
-    for owner in (module, _attribute(module, "config", None)):
-        for name in _HEAD_COUNTS:
-            value = _attribute(owner, name, None)
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-    return None
 
 
 def _heads_agree(module: nn.Module, weights: Tensor) -> bool:
     """Whether a (batch, heads, ...) softmax has the module's head count, where it says one (a
     router's or a deformable attention's softmax, (batch, query, heads, points), has not)."""
-    heads = _head_count(module)
+    heads = hf.head_count(module)
     return heads is None or weights.size(1) == heads
 
 
@@ -483,43 +471,6 @@ def _kind_of(weights: Tensor, module: nn.Module) -> str:
     return "self"
 
 
-def _padding_scopes(model: nn.Module, names: dict[int, str]) -> dict[str, str]:
-    """Which of a Hugging Face model's arguments says which modules' padding: its
-    ``attention_mask`` covers every module, or, in an encoder-decoder, the encoder's, and its
-    ``decoder_attention_mask`` the decoder's (by module-name prefix)."""
-    config = getattr(model, "config", None)
-    if config is None or "attention_mask" not in _signature(type(model).forward).parameters:
-        return {}
-    if not getattr(config, "is_encoder_decoder", False):
-        return {"attention_mask": ""}
-    scopes = {}
-    for argument, getter in (
-        ("attention_mask", "get_encoder"),
-        ("decoder_attention_mask", "get_decoder"),
-    ):
-        try:
-            part = getattr(model, getter)()
-        except (AttributeError, NotImplementedError, TypeError):
-            continue
-        if isinstance(part, nn.Module) and id(part) in names and names[id(part)]:
-            scopes[argument] = names[id(part)]
-    return scopes
-
-
-@functools.lru_cache(maxsize=256)
-def _signature(function: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(function)
-
-
-def _arguments(
-    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> dict[str, Any]:
-    try:
-        return dict(_signature(function).bind_partial(*args, **kwargs).arguments)
-    except TypeError:
-        return dict(kwargs)
-
-
 _PREBOUND_NOTE = (
     "calls scaled_dot_product_attention through {name!r}, a reference bound before the "
     "capture, which attnscope cannot see; call torch.nn.functional.scaled_dot_product_attention "
@@ -531,26 +482,6 @@ _UNSEEN = (
     "asked with output_attentions=True; or with no softmax at all, as linear attention does), "
     "which attnscope does not map yet"
 )
-
-
-def _implementation(module: nn.Module) -> str | None:
-    config = getattr(module, "config", None)
-    return getattr(config, "_attn_implementation", None) if config is not None else None
-
-
-def _returned_weights(output: Any) -> Tensor | None:
-    """The last 4-D tensor in a module's output whose rows are sub-distributions (eager
-    weights: non-negative, each row summing to at most 1, below 1 where a sink takes part)."""
-    if not isinstance(output, tuple):
-        return None
-    for item in reversed(output):
-        if isinstance(item, Tensor) and item.dim() == 4 and item.is_floating_point():
-            values = item.detach().float()
-            # rows may sum below 1: attention sinks take their share outside the keys
-            sums = values.sum(-1)
-            if bool((values >= 0).all()) and bool((sums < 1 + 1e-3).all()):
-                return item.detach()
-    return None
 
 
 def sdpa_call(
@@ -574,7 +505,7 @@ def sdpa_call(
     mask = call.attn_mask
     if mask is not None and mask.dim() == 3 and call.query.dim() == 3:
         mask = mask.unsqueeze(1)
-    packed = _packed_gqa_groups(module, query, key)
+    packed = hf.packed_gqa_groups(module, query, key)
     batch, heads, queries, dim = query.shape
     keys = key.size(-2)
     if packed:
@@ -619,31 +550,6 @@ def sdpa_call(
 
     held = tuple(t for t in (query, key, mask) if t is not None)
     return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held)
-
-
-def _packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> bool:
-    """Hugging Face packs one decoding step's query heads into the query axis (``pack_gqa``)."""
-    groups = _attribute(module, "num_key_value_groups", 1)
-    heads = _attribute(_attribute(module, "config", None), "num_attention_heads", None)
-    return (
-        isinstance(groups, int)
-        and groups > 1
-        and query.size(-2) == groups
-        and query.size(1) == key.size(1)
-        and heads is not None
-        and query.size(1) * groups == heads
-    )
-
-
-def _attribute(owner: object, name: str, default: Any) -> Any:
-    """``getattr`` that also survives configs whose properties raise other errors (a per-layer
-    config refuses a global ``num_attention_heads`` with its own exception)."""
-    if owner is None:
-        return default
-    try:
-        return getattr(owner, name, default)
-    except Exception:
-        return default
 
 
 def _hidden(mask: Tensor | None) -> Tensor | None:

@@ -1,0 +1,135 @@
+"""Hugging Face transformers' conventions, in one place: what the kernel adapters read of them.
+
+Design note
+-----------
+attnscope never imports transformers; it reads what a Hugging Face model carries, by name, and
+everything that is specific to that library is here, so the kernel adapters (sdpa, softmax,
+flex) stay about kernels:
+
+- ``attention_mask`` (and, in an encoder-decoder, ``decoder_attention_mask``) given to the
+  model says which query positions are padding, per part of the model (``padding_scopes``);
+- an attention module called with ``key_value_states`` / ``encoder_hidden_states`` /
+  ``cross_attention_states`` is cross-attention (``is_cross``);
+- ``config._attn_implementation`` names the kernel (``implementation``); an ``eager`` module
+  returns its weights as the last (batch, heads, query, key) sub-stochastic tensor of its
+  output (``eager_weights``), rows below 1 where a sink takes part;
+- modules dispatch through ``ALL_ATTENTION_FUNCTIONS`` (``DISPATCH``), so a forward naming it
+  attends whatever its class is called;
+- one decoding step's grouped-query heads may be packed into the query axis
+  (``packed_gqa_groups``);
+- head counts live on the module or its ``config`` under a few names (``head_count``).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import Tensor, nn
+
+CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
+DISPATCH = "ALL_ATTENTION_FUNCTIONS"
+
+
+def is_cross(given: dict[str, Any], module: nn.Module) -> bool:
+    """Whether a call of ``module`` with arguments ``given`` (by name) is cross-attention."""
+    return any(given.get(k) is not None for k in CROSS_ARGUMENTS) or bool(
+        attribute(module, "is_cross_attention", False)
+    )
+
+
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+
+
+def head_count(module: nn.Module) -> int | None:
+    """The module's head count, under one of the names modules give it, or its config's."""
+    for owner in (module, attribute(module, "config", None)):
+        for name in HEAD_COUNTS:
+            value = attribute(owner, name, None)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return None
+
+
+def padding_scopes(model: nn.Module, names: dict[int, str]) -> dict[str, str]:
+    """Which of a Hugging Face model's arguments says which modules' padding: its
+    ``attention_mask`` covers every module, or, in an encoder-decoder, the encoder's, and its
+    ``decoder_attention_mask`` the decoder's (by module-name prefix)."""
+    config = getattr(model, "config", None)
+    if config is None or "attention_mask" not in signature(type(model).forward).parameters:
+        return {}
+    if not getattr(config, "is_encoder_decoder", False):
+        return {"attention_mask": ""}
+    scopes = {}
+    for argument, getter in (
+        ("attention_mask", "get_encoder"),
+        ("decoder_attention_mask", "get_decoder"),
+    ):
+        try:
+            part = getattr(model, getter)()
+        except (AttributeError, NotImplementedError, TypeError):
+            continue
+        if isinstance(part, nn.Module) and id(part) in names and names[id(part)]:
+            scopes[argument] = names[id(part)]
+    return scopes
+
+
+@functools.lru_cache(maxsize=256)
+def signature(function: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def arguments(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    try:
+        return dict(signature(function).bind_partial(*args, **kwargs).arguments)
+    except TypeError:
+        return dict(kwargs)
+
+
+def implementation(module: nn.Module) -> str | None:
+    config = getattr(module, "config", None)
+    return getattr(config, "_attn_implementation", None) if config is not None else None
+
+
+def eager_weights(output: Any) -> Tensor | None:
+    """The last 4-D tensor in a module's output whose rows are sub-distributions (eager
+    weights: non-negative, each row summing to at most 1, below 1 where a sink takes part)."""
+    if not isinstance(output, tuple):
+        return None
+    for item in reversed(output):
+        if isinstance(item, Tensor) and item.dim() == 4 and item.is_floating_point():
+            values = item.detach().float()
+            # rows may sum below 1: attention sinks take their share outside the keys
+            sums = values.sum(-1)
+            if bool((values >= 0).all()) and bool((sums < 1 + 1e-3).all()):
+                return item.detach()
+    return None
+
+
+def packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> bool:
+    """Hugging Face packs one decoding step's query heads into the query axis (``pack_gqa``)."""
+    groups = attribute(module, "num_key_value_groups", 1)
+    heads = attribute(attribute(module, "config", None), "num_attention_heads", None)
+    return (
+        isinstance(groups, int)
+        and groups > 1
+        and query.size(-2) == groups
+        and query.size(1) == key.size(1)
+        and heads is not None
+        and query.size(1) * groups == heads
+    )
+
+
+def attribute(owner: object, name: str, default: Any) -> Any:
+    """``getattr`` that also survives configs whose properties raise other errors (a per-layer
+    config refuses a global ``num_attention_heads`` with its own exception)."""
+    if owner is None:
+        return default
+    try:
+        return getattr(owner, name, default)
+    except Exception:
+        return default
