@@ -21,6 +21,39 @@ from torch import Tensor
 KINDS = ("self", "causal", "cross")
 
 
+def kind_of(*, cross: bool = False, causal: bool = False, hidden: Tensor | None = None) -> str:
+    """The kind of one call, the one rule every adapter uses: ``"cross"`` when it attends to
+    another sequence, ``"causal"`` when the call or its module says so or when the keys it
+    hides (``hidden``: True where a query does not see a key, (..., query, key)) are exactly
+    the later ones (``is_causal_mask``), else ``"self"``.
+
+    >>> kind_of(hidden=torch.ones(3, 3, dtype=torch.bool).triu(1)), kind_of(cross=True)
+    ('causal', 'cross')
+    """
+    if cross:
+        return "cross"
+    if causal or is_causal_mask(hidden):
+        return "causal"
+    return "self"
+
+
+def is_causal_mask(mask: Tensor | None) -> bool:
+    """True when ``mask`` hides every key after its query, and not every key before it.
+
+    >>> is_causal_mask(torch.ones(3, 3, dtype=torch.bool).triu(1))
+    True
+    >>> is_causal_mask(torch.zeros(3, 3))
+    False
+    """
+    if mask is None or mask.dim() < 2 or mask.size(-1) != mask.size(-2) or mask.size(-1) < 2:
+        return False
+    size = mask.size(-1)
+    upper = torch.ones(size, size, dtype=torch.bool, device=mask.device).triu(1)
+    hidden = mask if mask.dtype == torch.bool else mask == float("-inf")
+    lower = upper.transpose(0, 1)  # a mask that hides the past too is not a causal one
+    return bool(hidden[..., upper].all()) and not bool(hidden[..., lower].all())
+
+
 @dataclass
 class AttentionCall:
     """One attention computation, ready to produce its weights on demand.

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .calls import is_causal_mask as is_causal_mask  # the kind rule lives in calls
+
 # PyTorch's softmax itself, bound at import: a capture stands in front of ``torch.softmax`` to
 # see hand-written attention (``adapters.softmax``), and must not see its own recompute
 _softmax = torch.softmax
@@ -142,20 +144,3 @@ def _autocast(tensor: Tensor) -> bool:
         return torch.is_autocast_enabled(tensor.device.type)
     except TypeError:  # torch < 2.4 takes no device type
         return torch.is_autocast_enabled() or torch.is_autocast_cpu_enabled()
-
-
-def is_causal_mask(mask: Tensor | None) -> bool:
-    """True when ``mask`` hides every key after its query, and not every key before it.
-
-    >>> is_causal_mask(torch.ones(3, 3, dtype=torch.bool).triu(1))
-    True
-    >>> is_causal_mask(torch.zeros(3, 3))
-    False
-    """
-    if mask is None or mask.dim() < 2 or mask.size(-1) != mask.size(-2) or mask.size(-1) < 2:
-        return False
-    size = mask.size(-1)
-    upper = torch.ones(size, size, dtype=torch.bool, device=mask.device).triu(1)
-    hidden = mask if mask.dtype == torch.bool else mask == float("-inf")
-    lower = upper.transpose(0, 1)  # a mask that hides the past too is not a causal one
-    return bool(hidden[..., upper].all()) and not bool(hidden[..., lower].all())

@@ -47,8 +47,9 @@ import torch
 from torch import Tensor, nn
 
 from .. import pool
+from ..calls import kind_of
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
-from ..recompute import _softmax, is_causal_mask
+from ..recompute import _softmax
 from .base import AttentionCall, Recorder, Session
 from .sdpa import _global_names, _warn_if_unsure
 
@@ -340,8 +341,7 @@ def flex_call(
                     score_mod,
                     mask_mod,
                 )
-            if is_causal_mask(first[0, 0] == float("-inf")):
-                kind = "causal"
+            kind = kind_of(hidden=first[0, 0] == float("-inf"))
     held = (query, key, *_closure_tensors(score_mod, mask_mod))
     return AttentionCall(kind, (batch, heads, queries, keys), dtype, compute, held)
 

@@ -46,10 +46,11 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .. import pool
+from ..calls import kind_of
 from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
 from ..padded_rows import blank_rows, padding_of, query_padding
-from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
+from ..recompute import additive_mask, causal_additive_mask, softmax_weights
 from . import hf, softmax
 from .base import AttentionCall, Recorder, Session
 
@@ -349,7 +350,8 @@ class _SdpaSession(Session):
     def _record_map(self, name: str, module: nn.Module, frame: _Frame, weights: Tensor) -> None:
         kind = self.kinds.get(id(module))
         if kind is None:
-            kind = "cross" if frame.cross else _kind_of(weights, module)
+            causal = bool(getattr(module, "is_causal", False))
+            kind = kind_of(cross=frame.cross, causal=causal, hidden=weights[0, 0] == 0)
             self.kinds[id(module)] = kind
         batch, _, queries, keys = weights.shape
         padded = (
@@ -461,16 +463,6 @@ def _heads_agree(module: nn.Module, weights: Tensor) -> bool:
     return heads is None or weights.size(1) == heads
 
 
-def _kind_of(weights: Tensor, module: nn.Module) -> str:
-    """Causal when the module says so, or when a square map gives nothing to a later key."""
-    if getattr(module, "is_causal", False):
-        return "causal"
-    queries, keys = weights.shape[-2:]
-    if queries == keys and queries > 1 and bool((weights[0, 0].triu(1) == 0).all()):
-        return "causal"
-    return "self"
-
-
 _PREBOUND_NOTE = (
     "calls scaled_dot_product_attention through {name!r}, a reference bound before the "
     "capture, which attnscope cannot see; call torch.nn.functional.scaled_dot_product_attention "
@@ -512,16 +504,8 @@ def sdpa_call(
         heads, queries = heads * queries, 1
     hidden = _hidden(mask)
     if kind is None:
-        if cross:
-            kind = "cross"
-        elif (
-            call.is_causal
-            or getattr(module, "is_causal", False)
-            or (hidden is not None and queries == keys and is_causal_mask(hidden))
-        ):
-            kind = "causal"
-        else:
-            kind = "self"
+        causal = call.is_causal or bool(getattr(module, "is_causal", False))
+        kind = kind_of(cross=cross, causal=causal, hidden=hidden)
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
     if kind == "cross" or packed:
         padded_queries = None
