@@ -316,25 +316,37 @@ class _SdpaSession(Session):
             frame.recorded += 1
 
     def on_softmax(self, weights: Tensor, callers: CallingModules) -> softmax.Finish | None:
-        """A softmax over the last axis of a (batch, heads, query, key) tensor.
+        """A softmax over the last axis of a (batch, heads, query, key) tensor, or of a
+        (batch * heads, query, key) one (the layout older models multiply with ``bmm``).
 
         Inside an observed attention module that called no sdpa, a copy is kept as its
         hand-written attention, in case the module returns no weights of its own (see
         ``_record_returned``: weights it returns win, as an eager implementation's exclude a
         sink column its softmax had). Anywhere else in the model, whatever the module is
         called, it is attention if the module multiplies something by it: ``softmax`` hands
-        it back then, and it is recorded under the innermost module that computed it.
+        it back then, and it is recorded under the innermost module that computed it. A 3-D
+        one is taken only once it multiplies something, as only then is it surely attention.
         """
         frame = self.running[-1] if self.running else None
         if frame is not None:
-            if not frame.recorded and _heads_agree(frame.module, weights):
+            running = frame
+            if frame.recorded or _heads_first(weights, frame.module) is None:
+                return None
+            if weights.dim() == 4:
                 frame.softmaxes.append(weights.detach().clone())
-            return None
+                return None
+
+            def keep(product: Tensor) -> None:
+                maps = _heads_first(product, running.module)
+                if maps is not None:
+                    running.softmaxes.append(maps.detach().clone())
+
+            return keep
         found = self.owner(callers)
         if found is None or isinstance(found[0], _TORCH_NN_ATTENTION):
             return None
         module, name = found
-        if not _heads_agree(module, weights):
+        if _heads_first(weights, module) is None:
             return None
         given = callers.locals_of(module)
         cross = hf.is_cross(given, module)
@@ -342,8 +354,10 @@ class _SdpaSession(Session):
         masks = isinstance(mask, Tensor) and (mask.dtype == torch.bool or mask.is_floating_point())
 
         def finish(product: Tensor) -> None:
-            frame = _Frame(module, cross, mask if masks else None)
-            self._record_map(name, module, frame, product.detach().clone())
+            maps = _heads_first(product, module)
+            if maps is not None:
+                frame = _Frame(module, cross, mask if masks else None)
+                self._record_map(name, module, frame, maps.detach().clone())
 
         return finish
 
@@ -456,11 +470,17 @@ def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:
     )
 
 
-def _heads_agree(module: nn.Module, weights: Tensor) -> bool:
-    """Whether a (batch, heads, ...) softmax has the module's head count, where it says one (a
-    router's or a deformable attention's softmax, (batch, query, heads, points), has not)."""
+def _heads_first(weights: Tensor, module: nn.Module) -> Tensor | None:
+    """``weights`` as (batch, heads, query, key), or None where it cannot be one of the
+    module's maps: a (batch, heads, ...) softmax without the module's head count, where it
+    says one (a router's, or a deformable attention's (batch, query, heads, points)), or a
+    3-D one whose first axis is not batch × heads."""
     heads = hf.head_count(module)
-    return heads is None or weights.size(1) == heads
+    if weights.dim() == 4:
+        return weights if heads is None or weights.size(1) == heads else None
+    if weights.dim() == 3 and heads is not None and weights.size(0) % heads == 0:
+        return weights.view(-1, heads, *weights.shape[1:])
+    return None
 
 
 _PREBOUND_NOTE = (

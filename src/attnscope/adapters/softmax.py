@@ -6,9 +6,9 @@ Many models (DeBERTa, XLNet, XLM, MPNet, OpenAI-GPT, ...) and many users' module
 path: they compute ``softmax(scores)`` with PyTorch's own softmax and multiply the values by
 it. While a capture runs, ``Tensor.softmax`` and ``torch.softmax`` (``F.softmax`` and
 ``nn.Softmax`` call the former) are thin wrappers (``intercept.Replacement``): each call runs
-unchanged, and a (batch, heads, query, key) result over the last axis, computed on the
-capturing thread, is offered to the capture's listeners with the modules on the stack
-(``intercept.CallingModules``), whatever those modules are called.
+unchanged, and a (batch, heads, query, key) or (batch × heads, query, key) result over the
+last axis, computed on the capturing thread, is offered to the capture's listeners with the
+modules on the stack (``intercept.CallingModules``), whatever those modules are called.
 
 A listener either takes the softmax at once (inside a module it already knows is attention)
 or asks to see whether it is attention: whether the module then multiplies something by it.
@@ -86,8 +86,8 @@ def _storage(tensor: Tensor) -> int | None:
 def _softmax_handler(replacement: Callable[[], Replacement]) -> Callable[..., Any]:
     def observed_softmax(*args: Any, **kwargs: Any) -> Any:
         output = replacement().call_original(*args, **kwargs)  # exactly as it was called
-        heads_first = isinstance(output, Tensor) and output.dim() == 4
-        if _listeners and heads_first and _dim(args, kwargs) in (-1, 3):
+        maps = isinstance(output, Tensor) and output.dim() in (3, 4)
+        if _listeners and maps and _dim(args, kwargs) in (-1, output.dim() - 1):
             thread = threading.get_ident()
             callers = CallingModules(sys._getframe(1))
             for listener in tuple(_listeners):
