@@ -118,3 +118,44 @@ def test_include_may_name_a_module_found_only_while_the_model_runs() -> None:
     assert attn.names == ["block.1"]
     with pytest.raises(attnscope.AttnScopeError, match="matches none"):
         attnscope.capture(model, include="nowhere*").__enter__()
+
+
+class Flattened(nn.Module):
+    """The older layout: heads folded into the batch axis, multiplied with ``bmm``."""
+
+    def __init__(self, width: int = 16, num_heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.dim = num_heads, width // num_heads
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, n, w = x.shape
+        q, k, v = (
+            t.reshape(b, n, self.num_heads, self.dim).transpose(1, 2).reshape(-1, n, self.dim)
+            for t in self.qkv(x).chunk(3, dim=-1)
+        )
+        weights = nn.functional.softmax(torch.bmm(q, k.transpose(1, 2)) * self.dim**-0.5, dim=-1)
+        probs = nn.functional.dropout(weights, p=0.1, training=self.training)
+        return (
+            torch.bmm(probs, v)
+            .view(b, self.num_heads, n, self.dim)
+            .transpose(1, 2)
+            .reshape(b, n, w)
+        )
+
+
+def test_a_flattened_batch_times_heads_softmax_is_read_as_batch_heads_query_key() -> None:
+    torch.manual_seed(3)
+    model, x = nn.Sequential(Flattened()).eval(), torch.randn(2, 5, 16)
+    with torch.no_grad():
+        expected = model(x)
+        with attnscope.capture(model) as attn:
+            out = model(x)
+        q, k, _ = (
+            t.reshape(2, 5, 4, 4).transpose(1, 2).double() for t in model[0].qkv(x).chunk(3, -1)
+        )
+    assert torch.equal(out, expected)
+    assert attn.names == ["0"] and attn["0"].shape == (2, 4, 5, 5)
+    torch.testing.assert_close(
+        attn["0"].double(), torch.softmax(q @ k.transpose(-2, -1) / 2.0, -1), atol=1e-6, rtol=0
+    )
