@@ -40,7 +40,7 @@ def is_cross(given: dict[str, Any], module: nn.Module) -> bool:
     )
 
 
-HEAD_COUNTS = ("num_heads", "num_attention_heads", "n_heads", "n_head", "heads")
+HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_attn_heads", "n_heads", "n_head", "heads")
 
 
 def head_count(module: nn.Module) -> int | None:

@@ -265,7 +265,9 @@ class _Frame:
         self.cross = cross
         self.mask = mask  # the 4-D mask an eager implementation was given, if any
         self.recorded = 0  # its sdpa calls: once it made one, no softmax in it is its attention
-        self.softmaxes: list[Tensor] = []  # copies of 4-D softmaxes it computed itself
+        self.softmaxes: list[Tensor] = []  # copies of the maps its own softmaxes computed
+        self.unmapped: list[str] = []  # the softmaxes it computed that are no map (for skips)
+        self.sdpa_seen: list[tuple[Any, ...]] = []  # its sdpa calls' (tensors, versions, flags)
 
 
 class _SdpaSession(Session):
@@ -290,6 +292,9 @@ class _SdpaSession(Session):
         module, name = found
         frame = next((f for f in reversed(self.running) if f.module is module), None)
         call = _SdpaArgs(*args, **kwargs)
+        if frame is not None and _repeats(frame, call):
+            frame.recorded += 1  # the same query, key and mask again (DiffLlama): the same map
+            return
         if self.recorder.keep:
             call.own_inference_tensors()
         known = self.kinds.get(id(module))
@@ -315,22 +320,29 @@ class _SdpaSession(Session):
         if frame is not None:
             frame.recorded += 1
 
-    def on_softmax(self, weights: Tensor, callers: CallingModules) -> softmax.Finish | None:
+    def on_softmax(
+        self, weights: Tensor, axis: int | None, callers: CallingModules
+    ) -> softmax.Finish | None:
         """A softmax over the last axis of a (batch, heads, query, key) tensor, or of a
         (batch * heads, query, key) one (the layout older models multiply with ``bmm``).
 
         Inside an observed attention module that called no sdpa, a copy is kept as its
         hand-written attention, in case the module returns no weights of its own (see
         ``_record_returned``: weights it returns win, as an eager implementation's exclude a
-        sink column its softmax had). Anywhere else in the model, whatever the module is
-        called, it is attention if the module multiplies something by it: ``softmax`` hands
-        it back then, and it is recorded under the innermost module that computed it. A 3-D
-        one is taken only once it multiplies something, as only then is it surely attention.
+        sink column its softmax had); any other softmax there is noted, to say why nothing was
+        mapped. Anywhere else in the model, whatever the module is called, it is attention if
+        the module multiplies something by it: ``softmax`` hands it back then, and it is
+        recorded under the innermost module that computed it. A 3-D one is taken only once it
+        multiplies something, as only then is it surely attention.
         """
+        last = axis is not None and axis == weights.dim() - 1
         frame = self.running[-1] if self.running else None
         if frame is not None:
             running = frame
-            if frame.recorded or _heads_first(weights, frame.module) is None:
+            if frame.recorded:
+                return None
+            if not last or _heads_first(weights, frame.module) is None:
+                frame.unmapped.append(f"{tuple(weights.shape)} over axis {axis}")
                 return None
             if weights.dim() == 4:
                 frame.softmaxes.append(weights.detach().clone())
@@ -342,6 +354,8 @@ class _SdpaSession(Session):
                     running.softmaxes.append(maps.detach().clone())
 
             return keep
+        if not last or weights.dim() not in (3, 4):
+            return None
         found = self.owner(callers)
         if found is None or isinstance(found[0], _TORCH_NN_ATTENTION):
             return None
@@ -374,7 +388,7 @@ class _SdpaSession(Session):
             else self._padded_queries(name, batch, queries, keys, kind == "causal")
         )
         mask = frame.mask if frame.mask is not None and frame.mask.dim() == 4 else None
-        weights = blank_rows(weights, _hidden(mask), padded)
+        weights = blank_rows(weights, _hidden_of_computed(weights, mask), padded)
         self.recorder.record(name, AttentionCall.of_weights(kind, weights))
 
     def observe_attention_module(
@@ -402,9 +416,14 @@ class _SdpaSession(Session):
             and weights is not None
             and [w.shape for w in frame.softmaxes] == [weights.shape]
         )
-        if frame.softmaxes and (weights is None or before_dropout):
+        returned_is_own = (
+            weights is not None
+            and len(frame.softmaxes) > 1
+            and any(s.shape == weights.shape and torch.equal(s, weights) for s in frame.softmaxes)
+        )  # it returns one of its own softmaxes: every one of them is a map (several streams)
+        if frame.softmaxes and (weights is None or before_dropout or returned_is_own):
             # hand-written and returning nothing, or training (what it returns may be after
-            # dropout): its own softmax
+            # dropout), or returning one of several: its own softmaxes
             for computed in frame.softmaxes:
                 self._record_map(name, module, frame, computed)
             return
@@ -414,8 +433,12 @@ class _SdpaSession(Session):
                 bound = _prebound_sdpa(type(module))
                 if bound:
                     self.recorder.skip(name, _PREBOUND_NOTE.format(name=bound))
+                elif frame.unmapped:
+                    shapes = ", ".join(dict.fromkeys(frame.unmapped))
+                    why = _UNMAPPED.format(cls=type(module).__name__, shapes=shapes)
+                    self.recorder.skip(name, why)
                 elif _says_attention(module):
-                    self.recorder.skip(name, _UNSEEN.format(cls=type(module).__name__))
+                    self.recorder.skip(name, _NO_SOFTMAX.format(cls=type(module).__name__))
                 return  # a module found by its source, which did not attend this time
             raise AttnScopeError(
                 f"{name} ({type(module).__name__}) ran, but its attention went through a kernel "
@@ -453,6 +476,33 @@ class _SdpaSession(Session):
             del self.paddings[len(self.paddings) - len(noted) :]
 
 
+def _version(tensor: Tensor | None) -> int | None:
+    if tensor is None:
+        return None
+    try:
+        return int(tensor._version)
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+def _repeats(frame: _Frame, call: _SdpaArgs) -> bool:
+    """Whether this module call already made an sdpa call with the same query, key and mask
+    tensors (unchanged since), flags and scale: its weights are that call's, whatever the
+    values (DiffLlama attends twice, over two halves of the values)."""
+    flags = (call.is_causal, call.scale, call.enable_gqa)
+    tensors = (call.query, call.key, call.attn_mask)
+    versions = tuple(_version(t) for t in tensors)
+    for seen, seen_versions, seen_flags in frame.sdpa_seen:
+        if (
+            seen_flags == flags
+            and seen_versions == versions
+            and all(a is b for a, b in zip(seen, tensors, strict=True))
+        ):
+            return True
+    frame.sdpa_seen.append((tensors, versions, flags))
+    return False
+
+
 def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:
     """A first call whose queries and keys differ in number, with no sign of cross-attention
     (an argument naming encoder states) and none of a cache (a causal module): the kind is a
@@ -488,11 +538,15 @@ _PREBOUND_NOTE = (
     "capture, which attnscope cannot see; call torch.nn.functional.scaled_dot_product_attention "
     "at call time there"
 )
-_UNSEEN = (
-    "{cls} ran without calling scaled_dot_product_attention and returned no attention "
-    "weights: it computes its attention another way (by hand, only returning weights when "
-    "asked with output_attentions=True; or with no softmax at all, as linear attention does), "
-    "which attnscope does not map yet"
+_UNMAPPED = (
+    "{cls} computed its attention by hand, but its softmax has a layout attnscope does not map "
+    "to (batch, heads, query, key): {shapes} (banded, blocked or multi-stream attention, or "
+    "attention over another axis); nothing of it is recorded"
+)
+_NO_SOFTMAX = (
+    "{cls} computed no softmax and called no attention kernel attnscope knows (linear, "
+    "recurrent or kernelised attention, or a kernel of its own): it has no attention weights "
+    "to capture"
 )
 
 
@@ -554,6 +608,26 @@ def sdpa_call(
 
     held = tuple(t for t in (query, key, mask) if t is not None)
     return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held)
+
+
+def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:
+    """The keys a module's own 4-D mask hid from the weights it computed itself. A float mask
+    hides at its large negatives; a bool mask where False (sdpa's convention) or where True
+    (``masked_fill``'s, as MPT's): whichever leaves the weights nothing at the keys it hides."""
+    if (
+        mask is None
+        or mask.shape[-2:] != weights.shape[-2:]
+        or mask.size(0) not in (1, weights.size(0))
+    ):
+        return None
+    hidden = _hidden(mask)
+    if mask.dtype != torch.bool or hidden is None:
+        return hidden
+    for candidate in (hidden, ~hidden):
+        sees = ~candidate.all(dim=-1, keepdim=True)
+        if not bool((weights.masked_fill(~(candidate & sees), 0.0) != 0).any()):
+            return candidate
+    return None
 
 
 def _hidden(mask: Tensor | None) -> Tensor | None:

@@ -6,9 +6,11 @@ Many models (DeBERTa, XLNet, XLM, MPNet, OpenAI-GPT, ...) and many users' module
 path: they compute ``softmax(scores)`` with PyTorch's own softmax and multiply the values by
 it. While a capture runs, ``Tensor.softmax`` and ``torch.softmax`` (``F.softmax`` and
 ``nn.Softmax`` call the former) are thin wrappers (``intercept.Replacement``): each call runs
-unchanged, and a (batch, heads, query, key) or (batch × heads, query, key) result over the
-last axis, computed on the capturing thread, is offered to the capture's listeners with the
-modules on the stack (``intercept.CallingModules``), whatever those modules are called.
+unchanged, and its result, computed on the capturing thread, is offered to the capture's
+listeners with its axis and the modules on the stack (``intercept.CallingModules``, read only
+if asked), whatever those modules are called. The sdpa session maps a (batch, heads, query,
+key) or (batch × heads, query, key) softmax over the last axis, and notes the others' shapes
+to say, in ``attn.skipped``, what an attention module computed that it could not map.
 
 A listener either takes the softmax at once (inside a module it already knows is attention)
 or asks to see whether it is attention: whether the module then multiplies something by it.
@@ -44,9 +46,11 @@ Finish = Callable[[Tensor], None]
 class SoftmaxListener(Protocol):
     thread: int
 
-    def on_softmax(self, weights: Tensor, callers: CallingModules) -> Finish | None:
-        """Take ``weights`` now (return None), or return what to call with them once they
-        multiply something (the sign that they are attention)."""
+    def on_softmax(
+        self, weights: Tensor, axis: int | None, callers: CallingModules
+    ) -> Finish | None:
+        """A softmax over ``axis`` of ``weights``: take it now or ignore it (return None), or
+        return what to call with it once it multiplies something (the sign of attention)."""
 
 
 _listeners: list[SoftmaxListener] = []
@@ -86,14 +90,15 @@ def _storage(tensor: Tensor) -> int | None:
 def _softmax_handler(replacement: Callable[[], Replacement]) -> Callable[..., Any]:
     def observed_softmax(*args: Any, **kwargs: Any) -> Any:
         output = replacement().call_original(*args, **kwargs)  # exactly as it was called
-        maps = isinstance(output, Tensor) and output.dim() in (3, 4)
-        if _listeners and maps and _dim(args, kwargs) in (-1, output.dim() - 1):
+        if _listeners and isinstance(output, Tensor) and output.dim():
+            dim = _dim(args, kwargs)
+            axis = dim % output.dim() if isinstance(dim, int) else None
             thread = threading.get_ident()
             callers = CallingModules(sys._getframe(1))
             for listener in tuple(_listeners):
                 if listener.thread != thread:
                     continue
-                finish = listener.on_softmax(output, callers)
+                finish = listener.on_softmax(output, axis, callers)
                 storage = None if finish is None else _storage(output)
                 if finish is not None and storage is not None:
                     waiting = _waiting.softmaxes
