@@ -487,20 +487,29 @@ def _version(tensor: Tensor | None) -> int | None:
 
 def _repeats(frame: _Frame, call: _SdpaArgs) -> bool:
     """Whether this module call already made an sdpa call with the same query, key and mask
-    tensors (unchanged since), flags and scale: its weights are that call's, whatever the
-    values (DiffLlama attends twice, over two halves of the values)."""
+    (the same tensors unchanged since, or equal ones: grouped-query keys are expanded afresh
+    for each call), flags and scale: its weights are that call's, whatever the values
+    (DiffLlama attends twice, over two halves of the values). Only a module's second call in
+    one forward pays for the comparison."""
     flags = (call.is_causal, call.scale, call.enable_gqa)
     tensors = (call.query, call.key, call.attn_mask)
     versions = tuple(_version(t) for t in tensors)
     for seen, seen_versions, seen_flags in frame.sdpa_seen:
-        if (
-            seen_flags == flags
-            and seen_versions == versions
-            and all(a is b for a, b in zip(seen, tensors, strict=True))
+        if seen_flags == flags and all(
+            _same(a, b, va, vb)
+            for a, b, va, vb in zip(seen, tensors, seen_versions, versions, strict=True)
         ):
             return True
     frame.sdpa_seen.append((tensors, versions, flags))
     return False
+
+
+def _same(a: Tensor | None, b: Tensor | None, version_a: int | None, version_b: int | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    if a is b:
+        return version_a == version_b
+    return a.shape == b.shape and a.dtype == b.dtype and bool(torch.equal(a, b))
 
 
 def _warn_if_unsure(name: str, module: nn.Module, call: AttentionCall) -> None:

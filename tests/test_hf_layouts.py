@@ -1,0 +1,123 @@
+"""Hugging Face attention of unusual shapes (issue #14, points 3 and 4): each either matches the
+model's own eager ``output_attentions`` or is listed in ``attn.skipped`` with what was seen."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import attnscope
+
+transformers = pytest.importorskip("transformers")
+
+
+def _ids_and_mask() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[1, 5:] = 0
+    return ids, mask
+
+
+def _eager(model: nn.Module) -> nn.Module:
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    assert eager.config._attn_implementation == "eager"
+    return eager
+
+
+def _compare(model: nn.Module, reference: nn.Module, **inputs: Any) -> attnscope.AttentionMaps:
+    with torch.no_grad():
+        plain = model(**inputs)
+        own = reference(**inputs, output_attentions=True).attentions
+        with attnscope.capture(model) as attn:
+            out = model(**inputs)
+    assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+    assert attn.skipped == {}
+    assert len(attn.names) == len(own)
+    valid = inputs["attention_mask"].bool()
+    for name, expected in zip(attn.names, own, strict=True):
+        got = attn[name]
+        assert got.shape == expected.shape
+        rows = valid[:, None, :, None].expand_as(got)
+        torch.testing.assert_close(got[rows], expected[rows], atol=1e-6, rtol=0)
+    return attn
+
+
+def test_a_module_calling_sdpa_twice_on_the_same_query_and_key_gives_one_map() -> None:
+    """DiffLlama attends twice per layer, over two halves of the values."""
+    torch.manual_seed(0)
+    config = transformers.DiffLlamaConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=36,
+        vocab_size=99,
+        max_position_embeddings=64,
+    )
+    model = transformers.DiffLlamaModel(config).eval()
+    ids, mask = _ids_and_mask()
+    attn = _compare(model, _eager(model), input_ids=ids, attention_mask=mask)
+    assert [attn.kind(n) for n in attn.names] == ["causal", "causal"]
+
+
+def test_weights_masked_with_a_masked_fill_convention_bool_mask_keep_their_rows() -> None:
+    """MPT gives its attention a bool mask where True hides a key (masked_fill's convention),
+    not sdpa's; rows that see every key must not be blanked as fully hidden."""
+    torch.manual_seed(0)
+    config = transformers.MptConfig(d_model=32, n_heads=4, n_layers=2, vocab_size=99)
+    model = transformers.MptModel(config).eval()
+    ids, mask = _ids_and_mask()
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask)
+        # MPT's own weights are returned by its attention on every call: the eager reference
+        own = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with attnscope.capture(model) as attn:
+            out = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+    for name, expected in zip(attn.names, own, strict=True):
+        torch.testing.assert_close(attn[name][0], expected[0], atol=1e-6, rtol=0)
+        assert bool((attn[name][0, :, -1].sum(-1) > 0.99).all()), "the last row sees every key"
+
+
+def test_no_softmax_attention_is_listed_in_skipped_and_the_capture_goes_on() -> None:
+    torch.manual_seed(0)
+    config = transformers.RwkvConfig(
+        hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, vocab_size=99
+    )
+    model = transformers.RwkvModel(config).eval()
+    ids, _ = _ids_and_mask()
+    with torch.no_grad(), attnscope.capture(model) as attn:
+        model(input_ids=ids)
+    assert attn.names == []
+    assert set(attn.skipped) == {"blocks.0.attention", "blocks.1.attention"}
+    assert all("computed no softmax" in why for why in attn.skipped.values())
+
+
+def test_a_banded_softmax_is_listed_with_its_layout() -> None:
+    """Longformer's softmax is over a band of window offsets, (batch, query, heads, window):
+    no (batch, heads, query, key) map, and skipped says so with the shape."""
+    torch.manual_seed(0)
+    config = transformers.LongformerConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        intermediate_size=36,
+        vocab_size=99,
+        attention_window=4,
+        max_position_embeddings=64,
+    )
+    model = transformers.LongformerModel(config).eval()
+    ids, mask = _ids_and_mask()
+    with torch.no_grad(), attnscope.capture(model) as attn:
+        model(input_ids=ids, attention_mask=mask)
+    (name,) = attn.skipped
+    assert name == "encoder.layer.0.attention.self"
+    assert (
+        "layout attnscope does not map" in attn.skipped[name]
+        and "(2, 8, 4, 5)" in (attn.skipped[name])
+    )
