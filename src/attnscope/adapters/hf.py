@@ -40,6 +40,27 @@ def is_cross(given: dict[str, Any], module: nn.Module) -> bool:
     )
 
 
+def cross_states(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """The other sequence a call of ``module`` attends to (``encoder_hidden_states``, ...),
+    passed by keyword or by position, or None. Binding positions costs only where the forward
+    takes such an argument."""
+    for name in CROSS_ARGUMENTS:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    if args and _takes_cross(type(module).forward):
+        given = arguments(type(module).forward, (module, *args), kwargs)
+        return next((given[n] for n in CROSS_ARGUMENTS if given.get(n) is not None), None)
+    return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _takes_cross(forward: Callable[..., Any]) -> bool:
+    try:
+        return any(name in CROSS_ARGUMENTS for name in signature(forward).parameters)
+    except (TypeError, ValueError):
+        return False
+
+
 HEAD_COUNTS = ("num_heads", "num_attention_heads", "num_attn_heads", "n_heads", "n_head", "heads")
 
 

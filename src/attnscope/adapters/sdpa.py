@@ -268,6 +268,7 @@ class _Frame:
         self.softmaxes: list[Tensor] = []  # copies of the maps its own softmaxes computed
         self.unmapped: list[str] = []  # the softmaxes it computed that are no map (for skips)
         self.sdpa_seen: list[tuple[Any, ...]] = []  # its sdpa calls' (tensors, versions, flags)
+        self.cross_keys: int | None = None  # the length of the other sequence, if it has one
 
 
 class _SdpaSession(Session):
@@ -306,6 +307,12 @@ class _SdpaSession(Session):
             if call.query.dim() == 4
             else None
         )
+        joint = frame.cross_keys if frame is not None and frame.cross else None
+        if joint is not None and 0 < joint < keys:
+            self._record_joint(name, module, call, keys - joint, padded)
+            if frame is not None:
+                frame.recorded += 1
+            return
         attention = sdpa_call(
             call,
             module,
@@ -319,6 +326,32 @@ class _SdpaSession(Session):
         self.recorder.record(name, attention)
         if frame is not None:
             frame.recorded += 1
+
+    def _record_joint(
+        self, name: str, module: nn.Module, call: _SdpaArgs, own: int, padded: Tensor | None
+    ) -> None:
+        """One call over [own keys; the other sequence's keys] (T5Gemma2's merged decoder
+        attention): one softmax over both, recorded as its two parts, ``NAME.self`` (the
+        decoder's own keys, causal or not as its mask says) and ``NAME.cross``, each the
+        columns of the joint weights (rows sum to 1 over both parts together)."""
+        whole = sdpa_call(call, module, kind="self", padded_queries=padded)
+        hidden = _hidden(call.attn_mask)
+        own_hidden = None if hidden is None else hidden[..., :own]
+        causal = call.is_causal or bool(getattr(module, "is_causal", False))
+        parts = (
+            ("self", kind_of(causal=causal, hidden=own_hidden), slice(None, own)),
+            ("cross", "cross", slice(own, None)),
+        )
+        batch, heads, queries, keys = whole.shape
+        for part, kind, columns in parts:
+            width = len(range(keys)[columns])
+
+            def compute(rows: Tensor | None = None, columns: slice = columns) -> Tensor:
+                return whole.compute(rows)[..., columns]
+
+            shape = (batch, heads, queries, width)
+            part_call = AttentionCall(kind, shape, whole.dtype, compute, whole.held)
+            self.recorder.record(f"{name}.{part}", part_call)
 
     def on_softmax(
         self, weights: Tensor, axis: int | None, callers: CallingModules
@@ -394,9 +427,12 @@ class _SdpaSession(Session):
     def observe_attention_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
-        cross = hf.is_cross(kwargs, module)
+        other = hf.cross_states(module, args, kwargs)
+        cross = other is not None or hf.is_cross(kwargs, module)
         mask = kwargs.get("attention_mask")
         frame = _Frame(module, cross, mask if isinstance(mask, Tensor) else None)
+        if isinstance(other, Tensor) and other.dim() >= 2:
+            frame.cross_keys = other.size(-2)
         before = self.recorder.calls
         self.running.append(frame)
         try:
