@@ -8,6 +8,11 @@ key) shape, the dtype it is computed in, and ``compute(rows)``, which gives the 
 capture decides what to do with it (refuse by ``max_bytes`` before anything is allocated, keep
 it lazily, compute now, spill to disk), so an adapter never allocates a map itself unless the
 kernel already did (``AttentionCall.of_weights``). Rows follow ``attnscope.padded_rows``.
+
+One mask convention inside attnscope: a bool tensor, True where a query does not see a key
+(PyTorch MHA's and ``masked_fill``'s), or an additive float mask. Kernels' own conventions are
+turned into it where they come in (``hidden_keys`` for sdpa's, where True keeps a key); the
+kind rule (``kind_of``), padded rows and recomputes all read it.
 """
 
 from __future__ import annotations
@@ -19,6 +24,21 @@ import torch
 from torch import Tensor
 
 KINDS = ("self", "causal", "cross")
+
+
+def hidden_keys(mask: Tensor | None) -> Tensor | None:
+    """An sdpa ``attn_mask`` in attnscope's convention: True where it hides a key (bool: where
+    False; float: at -inf, or below half the dtype's minimum, which Hugging Face's float masks
+    use).
+
+    >>> hidden_keys(torch.tensor([True, False])), hidden_keys(torch.tensor([0.0, float("-inf")]))
+    (tensor([False,  True]), tensor([False,  True]))
+    """
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return ~mask
+    return mask <= torch.finfo(mask.dtype).min / 2
 
 
 def kind_of(*, cross: bool = False, causal: bool = False, hidden: Tensor | None = None) -> str:

@@ -46,7 +46,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .. import pool
-from ..calls import kind_of
+from ..calls import hidden_keys, kind_of
 from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
 from ..padded_rows import blank_rows, padding_of, query_padding
@@ -335,7 +335,7 @@ class _SdpaSession(Session):
         decoder's own keys, causal or not as its mask says) and ``NAME.cross``, each the
         columns of the joint weights (rows sum to 1 over both parts together)."""
         whole = sdpa_call(call, module, kind="self", padded_queries=padded)
-        hidden = _hidden(call.attn_mask)
+        hidden = hidden_keys(call.attn_mask)
         own_hidden = None if hidden is None else hidden[..., :own]
         causal = call.is_causal or bool(getattr(module, "is_causal", False))
         parts = (
@@ -621,7 +621,7 @@ def sdpa_call(
     keys = key.size(-2)
     if packed:
         heads, queries = heads * queries, 1
-    hidden = _hidden(mask)
+    hidden = hidden_keys(mask)
     if kind is None:
         causal = call.is_causal or bool(getattr(module, "is_causal", False))
         kind = kind_of(cross=cross, causal=causal, hidden=hidden)
@@ -649,7 +649,7 @@ def sdpa_call(
             if packed:
                 weights = weights.reshape(batch, heads, 1, keys)
                 return weights if rows is None else weights[:, :, rows]
-            return blank_rows(weights, _hidden(m), padded_queries, rows)
+            return blank_rows(weights, hidden_keys(m), padded_queries, rows)
 
     held = tuple(t for t in (query, key, mask) if t is not None)
     return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held)
@@ -665,7 +665,7 @@ def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:
         or mask.size(0) not in (1, weights.size(0))
     ):
         return None
-    hidden = _hidden(mask)
+    hidden = hidden_keys(mask)
     if mask.dtype != torch.bool or hidden is None:
         return hidden
     for candidate in (hidden, ~hidden):
@@ -673,13 +673,3 @@ def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:
         if not bool((weights.masked_fill(~(candidate & sees), 0.0) != 0).any()):
             return candidate
     return None
-
-
-def _hidden(mask: Tensor | None) -> Tensor | None:
-    """True where sdpa's mask hides a key (bool: False hides; float: -inf, or the dtype's
-    minimum that Hugging Face uses in float masks, hides)."""
-    if mask is None:
-        return None
-    if mask.dtype == torch.bool:
-        return ~mask
-    return mask <= torch.finfo(mask.dtype).min / 2
