@@ -98,9 +98,7 @@ def test_no_softmax_attention_is_listed_in_skipped_and_the_capture_goes_on() -> 
     assert all("computed no softmax" in why for why in attn.skipped.values())
 
 
-def test_a_banded_softmax_is_listed_with_its_layout() -> None:
-    """Longformer's softmax is over a band of window offsets, (batch, query, heads, window):
-    no (batch, heads, query, key) map, and skipped says so with the shape."""
+def _longformer() -> nn.Module:
     torch.manual_seed(0)
     config = transformers.LongformerConfig(
         hidden_size=32,
@@ -111,13 +109,51 @@ def test_a_banded_softmax_is_listed_with_its_layout() -> None:
         attention_window=4,
         max_position_embeddings=64,
     )
-    model = transformers.LongformerModel(config).eval()
+    return transformers.LongformerModel(config).eval()
+
+
+def test_a_sliding_window_band_is_laid_out_as_batch_heads_query_key() -> None:
+    """Longformer's softmax is over a band of window offsets, (batch, query, heads, 2w + 1);
+    the map puts offset j of query i at key i + j - w, against the model's own eager band."""
+    model = _longformer()
     ids, mask = _ids_and_mask()
-    with torch.no_grad(), attnscope.capture(model) as attn:
-        model(input_ids=ids, attention_mask=mask)
-    (name,) = attn.skipped
-    assert name == "encoder.layer.0.attention.self"
-    assert (
-        "layout attnscope does not map" in attn.skipped[name]
-        and "(2, 8, 4, 5)" in (attn.skipped[name])
+    with torch.no_grad():
+        plain = model(input_ids=ids, attention_mask=mask)
+        (band,) = model(input_ids=ids, attention_mask=mask, output_attentions=True).attentions
+        with attnscope.capture(model) as attn:
+            out = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+    assert attn.skipped == {} and attn.names == ["encoder.layer.0.attention.self"]
+    dense = attn["encoder.layer.0.attention.self"]
+    batch, heads, rows, width = band.shape  # rows: the unpadded length, 7 of 8
+    w = width // 2
+    assert dense.shape == (batch, heads, 8, 8)
+    expected = torch.zeros(batch, heads, 8, 8)
+    for i in range(rows):
+        for j in range(width):
+            if 0 <= i + j - w < 8:
+                expected[:, :, i, i + j - w] = band[:, :, i, j]
+    torch.testing.assert_close(dense[:, :, :rows], expected[:, :, :rows], atol=1e-6, rtol=0)
+    real = mask.bool()
+    sums = dense[:, :, :7].sum(-1)
+    torch.testing.assert_close(
+        sums[real[:, None, :].expand_as(sums)],
+        torch.ones(()).expand(int(real.sum()) * heads),
+        atol=1e-5,
+        rtol=0,
     )
+
+
+def test_a_band_with_global_attention_is_listed_with_its_layout() -> None:
+    """With global attention the band gains leading global-key columns and the global rows come
+    from a second softmax: the global rows' map is kept, and skipped says what was left out."""
+    model = _longformer()
+    ids, mask = _ids_and_mask()
+    global_mask = torch.zeros_like(mask)
+    global_mask[:, 0] = 1
+    with torch.no_grad(), attnscope.capture(model) as attn:
+        model(input_ids=ids, attention_mask=mask, global_attention_mask=global_mask)
+    (name,) = attn.skipped
+    assert name == "encoder.layer.0.attention.self" and attn.names == [name]
+    assert attn[name].shape == (2, 4, 1, 8)  # the one global query's row over every key
+    assert "left out: (2, 8, 4, 6) over axis 3" in attn.skipped[name]

@@ -17,7 +17,10 @@ flex) stay about kernels:
   attends whatever its class is called;
 - one decoding step's grouped-query heads may be packed into the query axis
   (``packed_gqa_groups``);
-- head counts live on the module or its ``config`` under a few names (``head_count``).
+- head counts live on the module or its ``config`` under a few names (``head_count``);
+- Longformer's (and LED's) sliding-window softmax is a band, (batch, query, heads, 2w + 1),
+  key ``i + j - w`` for query ``i``: ``dense_band`` lays it out as (batch, heads, query, key),
+  zero outside the window; with global attention (extra leading columns) it is left unmapped.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
@@ -154,3 +158,25 @@ def attribute(owner: object, name: str, default: Any) -> Any:
         return getattr(owner, name, default)
     except Exception:
         return default
+
+
+def dense_band(module: nn.Module, weights: Tensor, given: dict[str, Any]) -> Tensor | None:
+    """A sliding-window softmax (batch, query, heads, 2w + 1) of a module with
+    ``one_sided_attn_window_size`` w as a (batch, heads, query, key) map, zero outside each
+    query's window and on the rows ``is_index_masked`` (its padding) marks; None for anything
+    else (global attention adds leading columns that this layout does not have)."""
+    w = attribute(module, "one_sided_attn_window_size", None)
+    if not isinstance(w, int) or weights.dim() != 4:
+        return None
+    batch, queries, heads, width = weights.shape
+    if width != 2 * w + 1 or heads != head_count(module):
+        return None
+    band = weights.detach().permute(0, 2, 1, 3)  # (batch, heads, query, offset)
+    positions = torch.arange(queries, device=weights.device)[:, None] + torch.arange(width)
+    padded = band.new_zeros(batch, heads, queries, queries + 2 * w)  # keys shifted by w
+    padded.scatter_(-1, positions.expand(batch, heads, queries, width), band)
+    dense = padded[..., w : w + queries]
+    masked = given.get("is_index_masked")
+    if isinstance(masked, Tensor) and masked.shape == (batch, queries):
+        dense = dense.masked_fill(masked[:, None, :, None], 0.0)
+    return dense.contiguous()

@@ -269,6 +269,7 @@ class _Frame:
         self.unmapped: list[str] = []  # the softmaxes it computed that are no map (for skips)
         self.sdpa_seen: list[tuple[Any, ...]] = []  # its sdpa calls' (tensors, versions, flags)
         self.cross_keys: int | None = None  # the length of the other sequence, if it has one
+        self.arguments: dict[str, Any] = {}  # its keyword arguments
 
 
 class _SdpaSession(Session):
@@ -374,6 +375,10 @@ class _SdpaSession(Session):
             running = frame
             if frame.recorded:
                 return None
+            band = hf.dense_band(frame.module, weights, frame.arguments) if last else None
+            if band is not None:
+                frame.softmaxes.append(band)
+                return None
             if not last or _heads_first(weights, frame.module) is None:
                 frame.unmapped.append(f"{tuple(weights.shape)} over axis {axis}")
                 return None
@@ -431,6 +436,7 @@ class _SdpaSession(Session):
         cross = other is not None or hf.is_cross(kwargs, module)
         mask = kwargs.get("attention_mask")
         frame = _Frame(module, cross, mask if isinstance(mask, Tensor) else None)
+        frame.arguments = kwargs
         if isinstance(other, Tensor) and other.dim() >= 2:
             frame.cross_keys = other.size(-2)
         before = self.recorder.calls
@@ -462,6 +468,9 @@ class _SdpaSession(Session):
             # dropout), or returning one of several: its own softmaxes
             for computed in frame.softmaxes:
                 self._record_map(name, module, frame, computed)
+            if frame.unmapped:  # what was recorded is not all it computed: say what is missing
+                shapes = ", ".join(dict.fromkeys(frame.unmapped))
+                self.recorder.skip(name, _PARTLY.format(cls=type(module).__name__, shapes=shapes))
             return
         if weights is None:
             implementation = hf.implementation(module)
@@ -587,6 +596,11 @@ _UNMAPPED = (
     "{cls} computed its attention by hand, but its softmax has a layout attnscope does not map "
     "to (batch, heads, query, key): {shapes} (banded, blocked or multi-stream attention, or "
     "attention over another axis); nothing of it is recorded"
+)
+_PARTLY = (
+    "{cls}: its (batch, heads, query, key) softmaxes are recorded, but it also computed "
+    "softmaxes of a layout attnscope does not map, left out: {shapes} (global or multi-stream "
+    "attention beside a mapped one)"
 )
 _NO_SOFTMAX = (
     "{cls} computed no softmax and called no attention kernel attnscope knows (linear, "
