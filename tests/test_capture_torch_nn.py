@@ -222,6 +222,28 @@ def test_unbatched_inputs(run_mode: str) -> None:
     assert_weights_match(attn[""], reference[""][0], ~pad[None])
 
 
+@pytest.mark.parametrize("run_mode", MODES)
+@pytest.mark.parametrize("rows", [None, [0, -1]])
+def test_float_key_padding_mask_gives_zero_padded_query_rows(
+    run_mode: str, rows: list[int] | None
+) -> None:
+    """A float ``key_padding_mask`` (-inf at padding) marks padded queries as a bool one does,
+    on every path (slow, native kernel), for all rows or selected ones."""
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True)
+    x = sequence(3, 6)
+    pad = padding([6, 4, 2], 6)
+    float_pad = torch.zeros(3, 6).masked_fill(pad, float("-inf"))
+    with mode(mha, run_mode), attnscope.capture(mha, rows=rows) as attn:
+        mha(x, x, x, key_padding_mask=float_pad, need_weights=False)
+    reference = slow_path_weights(mha, lambda m: m(x, x, x, key_padding_mask=float_pad))
+    expected, valid = reference[""][0], ~pad
+    if rows is not None:
+        picked = torch.tensor([r % 6 for r in rows])
+        expected, valid = expected[:, :, picked], valid[:, picked]
+    assert_weights_match(attn[""], expected, valid)
+
+
 def test_returned_weights_are_used_when_requested_and_untouched() -> None:
     torch.manual_seed(0)
     mha = nn.MultiheadAttention(D_MODEL, HEADS, batch_first=True).eval()

@@ -411,3 +411,31 @@ def test_a_function_installed_before_the_capture_is_called_not_bypassed() -> Non
     assert torch._transformer_encoder_layer_fwd is kernel
     reference = slow_path_weights(model, lambda m: m(x))
     assert_weights_match(attn["layers.0.self_attn"], reference["layers.0.self_attn"][0])
+
+
+@settings(max_examples=30, deadline=None)
+@given(case=layer_case(), lazy=st.booleans())
+def test_recompute_beside_the_untouched_fused_kernel(case: dict[str, Any], lazy: bool) -> None:
+    """The other route (off the CPU, or behind someone else's function on the fused entry
+    point): the fused kernel runs as it is and the weights are recomputed from the layer's
+    input, nested and padded input included; the same weights as the slow path."""
+    model, x, kwargs = build(case)
+    kernel = torch._transformer_encoder_layer_fwd
+    ran = []
+
+    def passthrough(*args: Any) -> torch.Tensor:
+        ran.append(1)
+        return kernel(*args)
+
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        expected_out = model(x, **kwargs)
+        patch.setattr(torch, "_transformer_encoder_layer_fwd", passthrough)
+        with attnscope.capture(model, lazy=lazy) as attn:
+            out = model(x, **kwargs)
+    assert len(ran) == 2  # both layers ran the fused kernel itself
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0, equal_nan=True)
+    reference = slow_path_weights(model, lambda m: m(x, **kwargs))
+    valid = ~kwargs["src_key_padding_mask"] if "src_key_padding_mask" in kwargs else None
+    atol = 1e-2 if case["dtype"] == torch.bfloat16 else 1e-5
+    for name in attn.names:
+        assert_weights_match(attn[name], reference[name][0], valid, atol=atol)

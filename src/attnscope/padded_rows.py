@@ -69,6 +69,33 @@ def blank_rows(
     tensor([[0.5000, 0.5000],
             [0.5000, 0.5000]])
     """
+    blank = _blank(hidden, padded_queries, rows)
+    return weights if blank is None else weights.masked_fill(blank, 0.0)
+
+
+def blank_rows_(
+    weights: Tensor,
+    hidden: Tensor | None = None,
+    padded_queries: Tensor | None = None,
+    rows: Tensor | None = None,
+) -> Tensor:
+    """``blank_rows`` in place, for weights the caller owns (a kernel's buffer, a fresh
+    recompute): a copy of a large map costs more than the zeroing (8 x 8 x 512 x 512 on 2
+    cores: 35 ms against 8 ms in place).
+
+    >>> import torch
+    >>> w = torch.full((1, 1, 2, 2), 0.5)
+    >>> blank_rows_(w, padded_queries=torch.tensor([[False, True]])) is w, w[0, 0, 1]
+    (True, tensor([0., 0.]))
+    """
+    blank = _blank(hidden, padded_queries, rows)
+    return weights if blank is None else weights.masked_fill_(blank, 0.0)
+
+
+def _blank(
+    hidden: Tensor | None, padded_queries: Tensor | None, rows: Tensor | None
+) -> Tensor | None:
+    """The rows to zero, broadcasting to (batch, heads, query, 1), or None when none are."""
     blank: Tensor | None = None
     if hidden is not None:
         blank = hidden.all(dim=-1)  # (..., query): every key hidden
@@ -80,5 +107,5 @@ def blank_rows(
         padded = picked[:, None, :, None]
         blank = padded if blank is None else blank | padded
     if blank is None or not bool(blank.any()):
-        return weights
-    return weights.masked_fill(blank, 0.0)
+        return None
+    return blank

@@ -22,7 +22,8 @@ instead of recomputing (``torch_native``), then brings them to the conventions b
 capture keeps the scaled queries and keys it computed, and its masked softmax runs on access.
 
 Weights are those before dropout (dropout is a training-time perturbation of the weights, not
-part of what the model attends to). Rows of padded queries in self-attention are zeros.
+part of what the model attends to). Rows of padded queries in self-attention, and fully
+masked rows, are zeros (``attnscope.padded_rows``).
 Restored on exit: the ``forward`` instance attributes, through the observer handles.
 """
 
@@ -43,6 +44,7 @@ from torch import Tensor, nn
 from .. import pool
 from ..errors import AttnScopeError
 from ..intercept import Proceed, observe
+from ..padded_rows import blank_rows, blank_rows_, query_padding
 from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
 from . import torch_native
 from .base import AttentionCall, Recorder
@@ -303,8 +305,7 @@ def _queries_call(
             weights = softmax_weights(q if rows is None else q[:, :, rows], k, 1.0, None, hidden)
         if key_padding_mask is None:
             return weights
-        positions = torch.arange(length, device=q.device) if rows is None else rows
-        return _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
+        return _zero_padded_rows(weights, key_padding_mask, rows, inplace=True)
 
     held = tuple(t for t in (q, k, key_padding_mask, attn_mask) if t is not None)
     return AttentionCall(kind, shape, q.dtype, compute, held)
@@ -330,8 +331,7 @@ def _conform(
     if (queries, keys) != shape[2:]:
         weights = F.pad(weights, (0, shape[3] - keys, 0, shape[2] - queries))
     if self_attention and key_padding_mask is not None:
-        positions = torch.arange(shape[2], device=weights.device)
-        weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
+        weights = _zero_padded_rows(weights, key_padding_mask, inplace=True)
     return weights
 
 
@@ -389,22 +389,24 @@ def _mha_weights(
     else:
         weights = softmax_weights(q, k, scale, mask)
     if zero_padded_queries and key_padding_mask is not None:
-        positions = torch.arange(full_len, device=weights.device) if rows is None else rows
-        weights = _zero_padded_rows(weights, key_padding_mask, positions, inplace=True)
+        weights = _zero_padded_rows(weights, key_padding_mask, rows, inplace=True)
     return weights
 
 
 def _zero_padded_rows(
-    weights: Tensor, key_padding_mask: Tensor, positions: Tensor, *, inplace: bool = False
+    weights: Tensor, key_padding_mask: Tensor, rows: Tensor | None = None, *, inplace: bool = False
 ) -> Tensor:
-    """Zero the rows whose query position (``positions``, one per row) is padding."""
-    padded = (
+    """``weights`` of a self-attention with the rows of padded queries zero
+    (``attnscope.padded_rows``): its queries are its keys, so ``key_padding_mask`` (bool, or
+    float with ``-inf`` at padding, as PyTorch takes it) marks them. ``rows`` are the weights'
+    query positions (all if None); ``inplace`` for weights this module owns."""
+    padding = (
         key_padding_mask if key_padding_mask.dtype == torch.bool else key_padding_mask.isneginf()
     )
-    if padded.size(-1) <= int(positions.max()):
-        return weights
-    rows = padded[..., positions].reshape(weights.size(0), 1, positions.numel(), 1)
-    return weights.masked_fill_(rows, 0.0) if inplace else weights.masked_fill(rows, 0.0)
+    keys = padding.size(-1)
+    queries = keys if rows is not None else weights.size(2)  # rows pick among all queries
+    padded = query_padding(padding, weights.size(0), queries, keys)
+    return (blank_rows_ if inplace else blank_rows)(weights, None, padded, rows)
 
 
 def returned_weights(
