@@ -157,3 +157,40 @@ def test_a_band_with_global_attention_is_listed_with_its_layout() -> None:
     assert name == "encoder.layer.0.attention.self" and attn.names == [name]
     assert attn[name].shape == (2, 4, 1, 8)  # the one global query's row over every key
     assert "left out: (2, 8, 4, 6) over axis 3" in attn.skipped[name]
+
+
+def test_blocked_local_attention_is_laid_out_as_batch_heads_query_key() -> None:
+    """LongT5's local attention: each block of L queries over the blocks before, its own and
+    after, (batch, blocks, heads, L, 3L); key c of block n is position (n - 1) L + c."""
+    torch.manual_seed(0)
+    config = transformers.LongT5Config(
+        d_model=32,
+        d_kv=8,
+        d_ff=36,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        vocab_size=99,
+        local_radius=2,
+        encoder_attention_type="local",
+    )
+    encoder = transformers.LongT5EncoderModel(config).eval()
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = encoder(input_ids=ids)
+        (blocked,) = encoder(input_ids=ids, output_attentions=True).attentions
+        with attnscope.capture(encoder) as attn:
+            out = encoder(input_ids=ids)
+    assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+    (name,) = attn.names
+    assert attn.skipped == {}
+    batch, blocks, heads, size, _ = blocked.shape
+    expected = torch.zeros(batch, heads, 7, 7)
+    for n in range(blocks):
+        for i in range(size):
+            for c in range(3 * size):
+                query, key = n * size + i, (n - 1) * size + c
+                if query < 7 and 0 <= key < 7:
+                    expected[:, :, query, key] = blocked[:, n, :, i, c]
+    assert attn[name].shape == (batch, heads, 7, 7)
+    torch.testing.assert_close(attn[name], expected, atol=1e-6, rtol=0)

@@ -20,7 +20,9 @@ flex) stay about kernels:
 - head counts live on the module or its ``config`` under a few names (``head_count``);
 - Longformer's (and LED's) sliding-window softmax is a band, (batch, query, heads, 2w + 1),
   key ``i + j - w`` for query ``i``: ``dense_band`` lays it out as (batch, heads, query, key),
-  zero outside the window; with global attention (extra leading columns) it is left unmapped.
+  zero outside the window; with global attention (extra leading columns) it is left unmapped;
+- LongT5's local attention is blocked, (batch, blocks, heads, L, 3L), each block of L queries
+  over the block before, its own and the one after: ``dense_blocks`` lays it out the same way.
 """
 
 from __future__ import annotations
@@ -179,4 +181,24 @@ def dense_band(module: nn.Module, weights: Tensor, given: dict[str, Any]) -> Ten
     masked = given.get("is_index_masked")
     if isinstance(masked, Tensor) and masked.shape == (batch, queries):
         dense = dense.masked_fill(masked[:, None, :, None], 0.0)
+    return dense.contiguous()
+
+
+def dense_blocks(module: nn.Module, weights: Tensor, length: int | None) -> Tensor | None:
+    """A blocked local softmax (batch, blocks, heads, L, 3L) of a module with ``block_len`` L,
+    block n's queries over the blocks n - 1, n and n + 1, as a (batch, heads, query, key) map
+    over the first ``length`` positions (the module's input; the blocks pad it), zero outside
+    each query's three blocks; None for anything else."""
+    size = attribute(module, "block_len", None)
+    if not isinstance(size, int) or weights.dim() != 5:
+        return None
+    batch, blocks, heads, queries, keys = weights.shape
+    if queries != size or keys != 3 * size or heads != head_count(module):
+        return None
+    padded = weights.new_zeros(batch, heads, blocks * size, (blocks + 2) * size)
+    for n in range(blocks):  # keys shifted by one block: block n - 1 starts at column n * L
+        padded[:, :, n * size : (n + 1) * size, n * size : (n + 3) * size] = weights[:, n].detach()
+    dense = padded[..., size : size + blocks * size]
+    if length is not None and 0 < length <= blocks * size:
+        dense = dense[:, :, :length, :length]
     return dense.contiguous()

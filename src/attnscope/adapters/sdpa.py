@@ -270,6 +270,7 @@ class _Frame:
         self.sdpa_seen: list[tuple[Any, ...]] = []  # its sdpa calls' (tensors, versions, flags)
         self.cross_keys: int | None = None  # the length of the other sequence, if it has one
         self.arguments: dict[str, Any] = {}  # its keyword arguments
+        self.length: int | None = None  # its input's length, (batch, length, width) states
 
 
 class _SdpaSession(Session):
@@ -375,7 +376,11 @@ class _SdpaSession(Session):
             running = frame
             if frame.recorded:
                 return None
-            band = hf.dense_band(frame.module, weights, frame.arguments) if last else None
+            band = None
+            if last:
+                band = hf.dense_band(frame.module, weights, frame.arguments)
+                if band is None:
+                    band = hf.dense_blocks(frame.module, weights, frame.length)
             if band is not None:
                 frame.softmaxes.append(band)
                 return None
@@ -437,6 +442,9 @@ class _SdpaSession(Session):
         mask = kwargs.get("attention_mask")
         frame = _Frame(module, cross, mask if isinstance(mask, Tensor) else None)
         frame.arguments = kwargs
+        states = args[0] if args else kwargs.get("hidden_states")
+        if isinstance(states, Tensor) and states.dim() == 3:
+            frame.length = states.size(1)
         if isinstance(other, Tensor) and other.dim() >= 2:
             frame.cross_keys = other.size(-2)
         before = self.recorder.calls
