@@ -4,7 +4,7 @@ The method of transformers' own ``test_modeling_common.py::test_attention_output
 random model per model type (nothing is downloaded):
 
 1. a tiny config: the model type's default config, shrunk by a generic rule over the common
-   field names (hidden 32, 2 layers, 4 heads, intermediate 37, vocab 99, ...), sub-configs too;
+   field names (hidden 32, 2 layers, 4 heads, intermediate 36, vocab 99, ...), sub-configs too;
 2. the base model class (``AutoModel``'s class for the type, else ``<Name>Model`` beside the
    config), in eval mode, under the default attention implementation;
 3. inputs of batch 2: token ids of length 7 with an ``attention_mask`` whose second row is
@@ -13,11 +13,16 @@ random model per model type (nothing is downloaded):
    first candidate set of inputs that the model runs on is kept);
 4. one forward without and one with ``attnscope.capture(model)``: the main output must be
    bit-identical (``torch.equal``);
-5. a deep copy switched to eager attention, run with ``output_attentions=True``: its
-   returned attentions are the reference for the captured maps, in call order, on valid
-   (non-padded) query rows, within 1e-4.
+5. a deep copy switched to eager attention (checked: where ``set_attn_implementation`` does
+   nothing, every config is set), run with ``output_attentions=True``: what it returns that
+   is attention weights (or pre-softmax scores whose softmax a captured map shows) is the
+   reference. Each eager map, in order, is paired with the closest unused captured map
+   that shows it (the same shape, flattened to (batch·heads, q, k), a trailing crop, or two
+   eager maps side by side), on valid query rows, within 1e-4; captured maps left over are
+   extras; eager maps with no captured map must come from modules in ``attn.skipped``.
 
-Outcomes: exact, mismatch, capture-raised, output-changed, no-attention, not-runnable.
+Outcomes: exact, exact-extra, skipped, mismatch, capture-raised, output-changed,
+no-reference, no-attention, not-runnable (tools/README.md says what each means).
 
 Each model runs in a worker process (one per job) that imports torch and transformers once;
 a per-model alarm turns a slow model into a result, and a hang or a crash of the worker
@@ -51,9 +56,12 @@ from typing import Any
 
 OUTCOMES = (
     "exact",
+    "exact-extra",
+    "skipped",
     "mismatch",
     "capture-raised",
     "output-changed",
+    "no-reference",
     "no-attention",
     "not-runnable",
 )
@@ -63,6 +71,8 @@ COLUMNS = (
     "detail",
     "n_maps",
     "max_diff",
+    "extra_maps",
+    "skipped",
     "seconds",
     "model_class",
     "attn_impl",
@@ -516,6 +526,8 @@ def _flat(value: Any) -> list[Any]:
         return [value]
     if isinstance(value, list | tuple):
         return [t for v in value for t in _flat(v)]
+    if isinstance(value, dict):  # pegasus_x returns {"global": ..., "local": ...}
+        return [t for v in value.values() for t in _flat(v)]
     return []
 
 
@@ -564,68 +576,421 @@ def first_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {line}"[:300]
 
 
-def _eager_copy(model: Any) -> Any:
+def _configs(model: Any) -> list[Any]:
+    """The model's config, its sub-configs and every module's config, each once."""
+    found: dict[int, Any] = {}
+
+    def add(config: Any) -> None:
+        if config is None or id(config) in found or not hasattr(config, "_attn_implementation"):
+            return
+        found[id(config)] = config
+        for sub in _sub_configs(config).values():
+            add(sub)
+
+    add(getattr(model, "config", None))
+    for module in model.modules():
+        add(getattr(module, "config", None))
+    return list(found.values())
+
+
+def _not_eager(model: Any) -> list[str]:
+    """The configs of the model's modules that do not say eager ("Class=implementation")."""
+    seen: dict[int, str] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        implementation = getattr(config, "_attn_implementation", "eager")
+        if implementation != "eager" and id(config) not in seen:
+            seen[id(config)] = f"{type(config).__name__}={implementation}"
+    return list(seen.values())
+
+
+def _set_eager(configs: list[Any]) -> None:
+    for config in configs:
+        with contextlib.suppress(Exception):
+            config._attn_implementation = "eager"
+
+
+def eager_models(model: Any) -> Any:
+    """The model under eager attention, in up to three ways, each with a note saying how it
+    was made (None for the first). The sweep takes the first that returns attentions.
+
+    1. a deep copy of the model that ran, switched with ``set_attn_implementation("eager")``
+       and checked on every module's config: the switch can be a logged no-op (Falcon);
+    2. the class built from its config under eager with the same weights, as transformers'
+       own tests do: some models choose their attention classes when built (SAM's
+       ``SamVisionSdpaAttention``), so a switched copy keeps them and returns nothing;
+    3. where the switch did not take, a deep copy with every config set to eager."""
     import copy
 
-    eager = copy.deepcopy(model)
-    try:
-        eager.set_attn_implementation("eager")
-    except Exception:
-        for module in eager.modules():
-            config = getattr(module, "config", None)
-            if config is not None and hasattr(config, "_attn_implementation"):
-                config._attn_implementation = "eager"
-    return eager
-
-
-def compare(captured: list[Any], reference: list[Any], mask: Any) -> tuple[float, str, list[str]]:
-    """Max abs diff of captured vs reference maps on valid query rows, how they were paired,
-    and notes (shapes that disagree)."""
     import torch
 
-    def diff(got: Any, want: Any) -> float:
-        got, want = got.float(), want.float()
-        rows = ~torch.isnan(want).any(dim=-1)
-        if (
-            mask is not None
-            and got.dim() == 4
-            and got.size(0) == mask.size(0)
-            and got.size(-2) == mask.size(1)
-            and got.size(-1) == mask.size(1)
-        ):
-            rows = rows & mask.bool()[:, None, :].expand(rows.shape)
-        if not rows.any():
-            return 0.0
-        return (got[rows] - want[rows]).abs().max().item()
-
-    def paired(pairs: list[tuple[Any, Any]]) -> float:
-        return max((diff(g, w) for g, w in pairs), default=0.0)
-
-    notes: list[str] = []
-    if [tuple(t.shape) for t in captured] == [tuple(t.shape) for t in reference]:
-        in_order = paired(list(zip(captured, reference, strict=True)))
-        if in_order <= ATOL:
-            return in_order, "in call order", notes
+    eager = copy.deepcopy(model)
+    why = "had no effect"
+    try:
+        eager.set_attn_implementation("eager")
+    except Exception as error:
+        why = f"raised {first_line(error)}"
+    switched = not _not_eager(eager)
+    if switched:
+        yield eager, None
+        why = "returned no attentions"
+    del eager
+    try:
+        config = copy.deepcopy(model.config)
+        _set_eager([config, *_sub_configs(config).values()])
+        torch.manual_seed(0)
+        try:
+            rebuilt = type(model)._from_config(config, attn_implementation="eager")
+        except Exception:
+            rebuilt = type(model)(config)
+        rebuilt.eval().load_state_dict(model.state_dict())  # strict: all the same weights
+        left = _not_eager(rebuilt)
+        if not left:
+            yield rebuilt, f"eager built from the config (a copy switched to eager {why})"
+        built = f"built under eager, still {', '.join(left[:3])}" if left else "built under eager"
+    except Exception as error:
+        built = f"building it under eager failed: {first_line(error)}"
+    if switched:
+        return
+    eager = copy.deepcopy(model)
+    _set_eager(_configs(eager))
+    left = _not_eager(eager)
+    if left:
+        yield (
+            eager,
+            (
+                f"eager could not be set (set_attn_implementation {why}; {built}; set on every "
+                f"config, still {', '.join(left[:3])}): the reference is not eager's"
+            ),
+        )
     else:
-        in_order = float("inf")
-    # Out of order (an output that lists its stacks differently from how they ran): pair each
-    # captured map with the closest unused reference map of its shape.
-    unused = list(range(len(reference)))
-    worst = 0.0
-    unmatched = 0
-    for got in captured:
-        options = [i for i in unused if tuple(reference[i].shape) == tuple(got.shape)]
-        if not options:
-            unmatched += 1
+        yield eager, f"eager set on every config (set_attn_implementation {why}; {built})"
+
+
+def eager_reference(model: Any, inputs: dict[str, Any]) -> tuple[Any, list[Any], dict, str | None]:
+    """(eager's output, the attentions it returned, who returned them, how eager was made) from
+    the first of ``eager_models`` that returns attentions, else the last one tried; raises
+    the first error where none ran."""
+    import torch
+
+    first_error: Exception | None = None
+    ran: tuple[Any, list[Any], dict, str | None] | None = None
+    for eager, note in eager_models(model):
+        try:
+            with torch.no_grad(), returned_by(eager) as owners:
+                torch.manual_seed(0)
+                output = eager(**inputs, output_attentions=True)
+        except SweepTimeoutError:
+            raise
+        except Exception as error:
+            first_error = first_error or error
             continue
-        best = min(options, key=lambda i: diff(got, reference[i]))
-        worst = max(worst, diff(got, reference[best]))
-        unused.remove(best)
+        ran = output, eager_attentions(output), owners, note
+        if ran[1]:
+            break
+    if ran is None:
+        raise first_error or RuntimeError("no eager model could be made")
+    return ran
+
+
+@contextlib.contextmanager
+def returned_by(model: Any) -> Any:
+    """While it is open, {storage address: name of the innermost module whose output held a
+    tensor on that storage}: who returned each eager map (views and slices included)."""
+    owners: dict[int, str] = {}
+    kept: list[Any] = []  # alive until the end, so no address is reused
+
+    def hook(name: str) -> Any:
+        def record(module: Any, args: Any, output: Any) -> None:
+            for tensor in _flat(output):
+                with contextlib.suppress(Exception):
+                    address = tensor.untyped_storage().data_ptr()
+                    if address and address not in owners:
+                        owners[address] = name
+                        kept.append(tensor)
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n]
+    try:
+        yield owners
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _owner(tensor: Any, owners: dict[int, str]) -> str | None:
+    try:
+        return owners.get(tensor.untyped_storage().data_ptr())
+    except Exception:
+        return None
+
+
+# The reasons attnscope gives in attn.skipped (adapters/sdpa.py): no softmax at all is not a
+# failure (linear or recurrent attention has no weights to capture); a softmax of a layout it
+# does not map is one, whether nothing of the module was recorded ("<Class> computed its
+# attention by hand, but its softmax has a layout attnscope does not map ...") or only part
+# ("<Class>: its (batch, heads, query, key) softmaxes are recorded, but it also computed
+# softmaxes of a layout attnscope does not map ...").
+_NO_SOFTMAX = re.compile(r"^\w+ computed no softmax")
+_UNMAPPED = re.compile(r"^\w+\b.*\bsoftmax(es)? (has|of) a layout attnscope does not map")
+_UNMAPPED_SHAPES = re.compile(r"(?:query, key\): |left out: )(.*?) \(")
+
+
+def skip_kind(why: str) -> str:
+    """no-softmax, unmapped-layout (all or part of the module) or other (a kernel attnscope
+    cannot see, ...)."""
+    if _NO_SOFTMAX.search(why):
+        return "no-softmax"
+    if _UNMAPPED.search(why):
+        return "unmapped-layout"
+    return "other"
+
+
+def _short_skip(why: str) -> str:
+    cls = why.split(" ", 1)[0].rstrip(":")
+    kind = skip_kind(why)
+    if kind == "no-softmax":
+        return f"{cls}: no softmax"
+    if kind == "unmapped-layout":
+        shapes = _UNMAPPED_SHAPES.search(why)
+        part = "part of it: " if "are recorded, but" in why else ""
+        layout = shapes.group(1) if shapes else "?"
+        return f"{cls}: {part}softmax layout {layout} not mapped"[:120]
+    return why[:120]
+
+
+def _skips_note(skipped: dict[str, str]) -> str:
+    return f"attn.skipped: {_counted([_short_skip(why) for why in skipped.values()])}"
+
+
+def _counted(items: list[str], limit: int = 3) -> str:
+    counts = Counter(items)
+    text = ", ".join(f"{n}× {item}" if n > 1 else item for item, n in list(counts.items())[:limit])
+    return text + (", ..." if len(counts) > limit else "")
+
+
+def _pattern(name: str) -> str:
+    """A module name with its layer numbers as *: vision_model.encoder.layers.*.self_attn."""
+    return re.sub(r"(?<=\.)\d+(?=\.|$)|^\d+(?=\.)", "*", name) or "(the model)"
+
+
+def _masked_diff(got: Any, want: Any, mask: Any) -> float:
+    """Max abs diff on the rows eager does not leave NaN and, for a self-attention map over
+    the padded text, on its non-padded query rows; inf for a NaN or inf difference, and where
+    no row is left to compare (nothing matches vacuously)."""
+    import torch
+
+    got, want = got.float(), want.float()
+    rows = ~torch.isnan(want).any(dim=-1)
+    if (
+        mask is not None
+        and got.dim() == 4
+        and got.size(0) == mask.size(0)
+        and got.size(-2) == mask.size(1)
+        and got.size(-1) == mask.size(1)
+    ):
+        rows = rows & mask.bool()[:, None, :].expand(rows.shape)
+    if not rows.any():
+        return float("inf")
+    gap = (got[rows] - want[rows]).abs().max().item()
+    return gap if gap == gap and gap != float("inf") else float("inf")
+
+
+def view_of(got: Any, shape: tuple[int, ...]) -> tuple[str, Any] | None:
+    """How a captured (batch, heads, query, key) map can show an eager map of ``shape``:
+    the same shape; flattened to (batch·heads, query, key) for a 3-D eager map (the SAM-family
+    layout); or its trailing (query, key) block when batch and heads agree and eager's map is
+    smaller (an output that crops off prepended positions, CPM-Ant's prompt)."""
+    if tuple(got.shape) == shape:
+        return "same", got
+    if got.dim() == 4 and len(shape) == 3 and tuple(got.flatten(0, 1).shape) == shape:
+        return "batch·heads", got.flatten(0, 1)
+    if (
+        got.dim() == 4
+        and len(shape) == 4
+        and tuple(got.shape[:2]) == shape[:2]
+        and got.size(-2) >= shape[-2]
+        and got.size(-1) >= shape[-1]
+    ):
+        return "trailing crop", got[..., got.size(-2) - shape[-2] :, got.size(-1) - shape[-1] :]
+    return None
+
+
+def is_weights(tensor: Any) -> bool:
+    """Attention weights: at least 3-D, every row that is not NaN non-negative and summing to at
+    most 1 (a crop or a sink may take some mass away; nothing adds any)."""
+    import torch
+
+    if tensor.dim() < 3 or not tensor.is_floating_point():
+        return False
+    rows = tensor.detach().float().reshape(-1, tensor.size(-1))
+    rows = rows[~torch.isnan(rows).any(dim=-1)]
+    return bool(rows.numel()) and bool((rows >= 0).all()) and bool((rows.sum(-1) <= 1 + 1e-3).all())
+
+
+def references(
+    returned: list[Any], captured: list[Any], mask: Any
+) -> tuple[list[Any], list[Any], int, list[str]]:
+    """(the eager maps to compare with, the returned tensor each comes from, how many of them
+    are softmaxed scores, the shapes of what eager returned that is no attention weights).
+
+    Weights are kept as they are. A tensor of 3 or more dims that is not weights, but whose
+    softmax over the last axis matches a captured map in a view of ``view_of``, is pre-softmax
+    scores returned as attentions (SqueezeBERT, ProphetNet): its softmax is the reference.
+    Anything else (hidden states, a recurrent state, groupings over another axis, a map that
+    is NaN throughout) is no reference."""
+    import torch
+
+    kept, origins, scores, dropped = [], [], 0, []
+    for tensor in returned:
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).all()):
+            dropped.append(f"{tuple(tensor.shape)} all NaN")
+            continue
+        if is_weights(tensor):
+            kept.append(tensor)
+            origins.append(tensor)
+            continue
+        if tensor.dim() >= 3 and tensor.is_floating_point():
+            soft = tensor.detach().float().softmax(-1)
+            shape = tuple(soft.shape)
+            views = (view_of(got, shape) for got in captured)
+            if any(v is not None and _masked_diff(v[1], soft, mask) <= ATOL for v in views):
+                kept.append(soft)
+                origins.append(tensor)
+                scores += 1
+                continue
+        dropped.append(str(tuple(tensor.shape)))
+    return kept, origins, scores, dropped
+
+
+def pair(captured: list[Any], refs: list[Any], mask: Any) -> dict[str, Any]:
+    """Pairs from the reference side: each eager map, in order, takes the unused captured map
+    closest to it in one of the views of ``view_of``, or, with the next eager map, one
+    captured map whose keys are the two maps' keys side by side (one call over
+    [self keys, cross keys] that eager splits in two, T5Gemma2's merged attention).
+
+    Returns worst (max diff over the pairs, None without any), unmatched (eager maps with no
+    captured map), extra (captured maps no eager map took) and views (how often each view
+    other than "same" was used)."""
+    unused = list(range(len(captured)))
+    worst: float | None = None
+    unmatched: list[int] = []
+    views: Counter[str] = Counter()
+    i = 0
+    while i < len(refs):
+        want = refs[i]
+        best: tuple[float, int, str] | None = None
+        for j in unused:
+            view = view_of(captured[j], tuple(want.shape))
+            if view is not None:
+                gap = _masked_diff(view[1], want, mask)
+                if best is None or gap < best[0]:
+                    best = (gap, j, view[0])
+        after = refs[i + 1] if i + 1 < len(refs) else None
+        if after is not None and want.dim() == 4 and after.shape[:-1] == want.shape[:-1]:
+            keys = want.size(-1)
+            for j in unused:
+                got = captured[j]
+                if (
+                    got.dim() == 4
+                    and got.shape[:-1] == want.shape[:-1]
+                    and got.size(-1) == keys + after.size(-1)
+                ):
+                    gap = max(
+                        _masked_diff(got[..., :keys], want, mask),
+                        _masked_diff(got[..., keys:], after, mask),
+                    )
+                    if best is None or gap < best[0]:
+                        best = (gap, j, "two eager maps side by side")
+        if best is None:
+            unmatched.append(i)
+            i += 1
+            continue
+        gap, j, how = best
+        worst = gap if worst is None else max(worst, gap)
+        unused.remove(j)
+        if how != "same":
+            views[how] += 1
+        i += 2 if how == "two eager maps side by side" else 1
+    return {"worst": worst, "unmatched": unmatched, "extra": unused, "views": views}
+
+
+def judge(
+    captured: list[tuple[str, Any]],
+    returned: list[Any],
+    owners: dict[int, str],
+    skipped: dict[str, str],
+    mask: Any,
+) -> tuple[str, list[str], float | None, int]:
+    """The outcome of comparing the captured maps [(module name, map)] with what eager
+    returned: (outcome, notes for the detail, max diff over the pairs, extra captured maps)."""
+    maps = [w for _, w in captured]
+    refs, origins, scores, dropped = references(returned, maps, mask)
+    notes: list[str] = []
+    if scores:
+        notes.append(f"{scores} eager maps are pre-softmax scores: compared after a softmax")
+    if dropped:
+        notes.append(
+            f"{len(dropped)} eager 'attentions' are no attention weights, left out "
+            f"({_counted(dropped, 2)})"
+        )
+    if skipped:
+        notes.append(_skips_note(skipped))
+    if not refs:
+        if maps:
+            notes.insert(
+                0,
+                f"eager returns no attention weights to compare with; capture recorded "
+                f"{len(maps)} maps",
+            )
+            return "no-reference", notes, None, 0
+        if skipped:
+            return "skipped", notes, None, 0
+        notes.insert(0, "eager returned no attention weights and capture recorded none")
+        return "no-attention", notes, None, 0
+
+    paired = pair(maps, refs, mask)
+    worst = paired["worst"]
+    if paired["views"]:
+        notes.append("paired through " + ", ".join(f"{v} ×{n}" for v, n in paired["views"].items()))
+    extra = paired["extra"]
+    if extra:
+        names = [_pattern(captured[j][0]) for j in extra]
+        notes.append(f"{len(extra)} captured maps eager does not return: {_counted(names)}")
+
+    def owner(i: int) -> str:
+        return _owner(origins[i], owners) or ""
+
+    def in_skipped(i: int) -> bool:  # returned by a skipped module, one inside it, or around it
+        name = owner(i)
+        return bool(name) and any(
+            name == s or name.startswith(s + ".") or s.startswith(name + ".") for s in skipped
+        )
+
+    unmatched = paired["unmatched"]
+    unexplained = [i for i in unmatched if not in_skipped(i)]
     if unmatched:
-        shapes = sorted({tuple(t.shape) for t in captured} ^ {tuple(t.shape) for t in reference})
-        notes.append(f"{unmatched} captured maps with no eager map of their shape {shapes[:3]}")
-    how = "paired by shape" if worst < in_order else "in call order"
-    return min(worst, in_order), how, notes
+        shapes = [str(tuple(refs[i].shape)) for i in unmatched]
+        owners_of = [_pattern(owner(i)) for i in unmatched]
+        what = (
+            f"{len(unmatched)} of {len(refs)} eager maps have no captured map"
+            if maps
+            else f"captured nothing; eager returned {len(refs)} maps"
+        )
+        notes.insert(
+            0,
+            f"{what} ({_counted(shapes, 2)}, returned by {_counted(owners_of, 2)}; "
+            f"{len(unmatched) - len(unexplained)} of them by modules in attn.skipped)",
+        )
+    if worst is not None and worst > ATOL:
+        notes.insert(0, f"max diff {worst:.3g}")
+        return "mismatch", notes, worst, len(extra)
+    if unexplained:
+        return "mismatch", notes, worst, len(extra)
+    if skipped:
+        return "skipped", notes, worst, len(extra)
+    return ("exact-extra" if extra else "exact"), notes, worst, len(extra)
 
 
 class NotRunnableError(Exception):
@@ -756,25 +1121,29 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
         result["attn_impl"] = str(getattr(model.config, "_attn_implementation", ""))
 
         state["stage"] = "running eager"
+        returned: list[Any] = []
+        owners: dict[int, str] = {}
+        eager_notes: list[str] = []
+        eager_error = None
         try:
-            eager = _eager_copy(model)
-            with torch.no_grad():
-                torch.manual_seed(0)
-                eager_out = eager(**inputs, output_attentions=True)
-            reference = eager_attentions(eager_out)
-            del eager
-            eager_error = None
+            eager_out, returned, owners, eager_note = eager_reference(model, inputs)
+            if eager_note:
+                eager_notes.append(eager_note)
             # A reference is only as good as the eager implementation's agreement with the
             # default one: say so where the two models disagree.
             ours, theirs = main_tensor(plain), main_tensor(eager_out)
-            eager_gap = None
             if ours is not None and theirs is not None and ours.shape == theirs.shape:
                 gap = (ours.float() - theirs.float()).abs().max().item()
-                eager_gap = gap if gap > 1e-3 else None
+                if bool(torch.isnan(theirs).any()) and not bool(torch.isnan(ours).any()):
+                    eager_notes.append("eager model's own output has NaN; the default's has none")
+                elif gap > 1e-3:
+                    eager_notes.append(
+                        f"eager model's own output differs from the default's by {gap:.3g}"
+                    )
         except SweepTimeoutError:
             raise
         except Exception as error:
-            reference, eager_error, eager_gap = [], first_line(error), None
+            returned, eager_error = [], first_line(error)
 
         state["stage"] = "capturing"
         try:
@@ -784,17 +1153,23 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
         except SweepTimeoutError:
             raise
         except Exception as error:
-            if "found no attention module" in str(error) and not reference:
+            if "found no attention module" in str(error) and not any(map(is_weights, returned)):
                 result["outcome"] = "no-attention"
-                said = f"eager failed ({eager_error})" if eager_error else "eager returned none"
+                said = (
+                    f"eager failed ({eager_error})"
+                    if eager_error
+                    else "eager returned no attention weights"
+                )
                 result["detail"] = f"{said}; capture: {first_line(error)}"
             else:
                 result["outcome"] = "capture-raised"
                 result["detail"] = first_line(error)
             return result
-        captured = [w for name in attn.names for w in attn.calls(name)]
+        captured = [(name, w) for name in attn.names for w in attn.calls(name)]
         result["n_maps"] = len(captured)
-        skipped = getattr(attn, "skipped", None) or {}
+        skipped = attn.skipped
+        kinds = Counter(skip_kind(why) for why in skipped.values())
+        result["skipped"] = " ".join(f"{kind}:{n}" for kind, n in sorted(kinds.items()))
 
         state["stage"] = "comparing"
         expected, got = main_tensor(plain), main_tensor(out)
@@ -812,44 +1187,24 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
             for key, value in tensors(out).items()
             if key in others and not torch.equal(others[key], value)
         ]
-        notes = []
-        if eager_gap is not None:
-            notes.append(f"eager model's own output differs from the default's by {eager_gap:.3g}")
         if changed:
-            notes.append(f"other outputs changed: {', '.join(changed[:3])}")
-        if skipped:
-            name, why = next(iter(skipped.items()))
-            notes.append(f"skipped {len(skipped)} ({name}: {why})"[:200])
+            eager_notes.append(f"other outputs changed: {', '.join(changed[:3])}")
         if eager_error is not None:
-            result["detail"] = "; ".join([f"eager reference failed: {eager_error}", *notes])
-            return result
-        if not reference:
-            result["outcome"] = "no-attention"
-            notes.insert(0, "eager returned no attentions")
-            if captured:
-                notes.insert(1, f"capture recorded {len(captured)} maps (not compared)")
-            result["detail"] = "; ".join(notes)
-            return result
-        if not captured:
-            result["outcome"] = "mismatch"
-            notes.insert(0, f"captured nothing; eager returned {len(reference)} maps")
-            result["detail"] = "; ".join(notes)
-            return result
-        mask = inputs.get("attention_mask")
-        worst, paired_how, compare_notes = compare(captured, reference, mask)
-        notes.extend(compare_notes)
-        result["max_diff"] = f"{worst:.3g}"
-        if len(captured) != len(reference):
-            notes.insert(0, f"captured {len(captured)} maps, eager returned {len(reference)}")
-        if paired_how != "in call order":
-            notes.append(paired_how)
-        if worst <= ATOL and len(captured) == len(reference) and not compare_notes:
-            result["outcome"] = "exact"
+            result["outcome"] = "no-reference"
+            notes = [
+                f"eager forward with output_attentions failed ({eager_error}); capture "
+                f"recorded {len(captured)} maps"
+            ]
+            if skipped:
+                notes.append(_skips_note(skipped))
         else:
-            result["outcome"] = "mismatch"
-            if worst > ATOL:
-                notes.insert(0, f"max diff {worst:.3g}")
-        result["detail"] = "; ".join(notes)
+            outcome, notes, worst, extra = judge(
+                captured, returned, owners, skipped, inputs.get("attention_mask")
+            )
+            result.update(outcome=outcome, extra_maps=extra)
+            if worst is not None:
+                result["max_diff"] = f"{worst:.3g}"
+        result["detail"] = "; ".join([*notes, *eager_notes])[:600]
         return result
     except SweepTimeoutError as error:
         result["detail"] = str(error)
@@ -1017,6 +1372,12 @@ def sweep(args: argparse.Namespace) -> int:
     write_summary(out_dir / "sweep_summary.json", results, wall, args)
     counts = Counter(r["outcome"] for r in results.values())
     print(json.dumps({k: counts.get(k, 0) for k in OUTCOMES}), f"in {wall:.0f} s")
+    failures = issue_failures(results)
+    print(
+        f"issue #14 failures: {failures['failures']} of {failures['runnable_with_attention']} "
+        f"runnable model types with attention ({json.dumps(failures['by_kind'])}); "
+        f"no reference: {len(failures['no_reference'])}"
+    )
     return 0
 
 
@@ -1036,6 +1397,47 @@ def write_csv(path: Path, results: dict[str, dict[str, Any]]) -> None:
     os.replace(temporary, path)
 
 
+def issue_failures(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Failures as issue #14 defines them, among the runnable model types with attention (all
+    but not-runnable, no-attention and no-reference): mismatch, capture-raised,
+    output-changed, and skipped where a skipped module computed a softmax (a module listed in
+    attn.skipped is a failure unless it computes no softmax)."""
+    judged = ("exact", "exact-extra", "skipped", "mismatch", "capture-raised", "output-changed")
+    rows = {t: r for t, r in results.items() if r["outcome"] in judged}
+
+    def skip_failure(row: dict[str, Any]) -> str | None:
+        kinds = {kind.split(":")[0] for kind in row["skipped"].split()} - {"no-softmax"}
+        if not kinds:
+            return None
+        return "skipped (unmapped layout)" if kinds == {"unmapped-layout"} else "skipped (other)"
+
+    failing = {
+        t: r["outcome"] if r["outcome"] != "skipped" else skip_failure(r)
+        for t, r in rows.items()
+        if r["outcome"] in ("mismatch", "capture-raised", "output-changed")
+        or (r["outcome"] == "skipped" and skip_failure(r))
+    }
+    return {
+        "runnable_with_attention": len(rows),
+        "failures": len(failing),
+        "by_kind": dict(Counter(failing.values())),
+        "model_types": dict(sorted(failing.items())),
+        "skipped_no_softmax_only": sorted(
+            t for t, r in rows.items() if r["outcome"] == "skipped" and not skip_failure(r)
+        ),
+        "no_reference": sorted(t for t, r in results.items() if r["outcome"] == "no-reference"),
+    }
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=10
+        ).stdout.rstrip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
 def write_summary(
     path: Path, results: dict[str, dict[str, Any]], wall: float, args: argparse.Namespace
 ) -> None:
@@ -1045,25 +1447,21 @@ def write_summary(
     import attnscope
 
     counts = Counter(r["outcome"] for r in results.values())
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(HERE), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
+    package = str(Path(attnscope.__file__).resolve().parent)  # the attnscope the workers ran
+    uncommitted = _git("-C", package, "status", "--porcelain", "--", ".")  # a dirty tree
     summary = {
         "counts": {k: counts.get(k, 0) for k in OUTCOMES},
         "model_types": len(results),
+        "issue_failures": issue_failures(results),
         "not_exact": {
             outcome: sorted(t for t, r in results.items() if r["outcome"] == outcome)
             for outcome in OUTCOMES
             if outcome not in ("exact", "not-runnable")
         },
         "attnscope": attnscope.__version__,
-        "attnscope_commit": commit or None,
+        "attnscope_path": package,
+        "attnscope_commit": _git("-C", package, "rev-parse", "--short", "HEAD") or None,
+        "attnscope_uncommitted": [line for line in uncommitted.splitlines() if line],
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
