@@ -370,6 +370,8 @@ class _SdpaSession(Session):
         recorded under the innermost module that computed it. A 3-D one is taken only once it
         multiplies something, as only then is it surely attention.
         """
+        if axis is not None and weights.size(axis) == 1:
+            return None  # a softmax over one element is 1 whatever it is given: no attention
         last = axis is not None and axis == weights.dim() - 1
         frame = self.running[-1] if self.running else None
         if frame is not None:
@@ -501,6 +503,9 @@ class _SdpaSession(Session):
                 f"computes no attention, leave it out with capture(model, exclude={name!r})"
             )
         self._record_map(name, module, frame, weights)
+        if frame.unmapped:  # it returned one map, and computed others that are not
+            shapes = ", ".join(dict.fromkeys(frame.unmapped))
+            self.recorder.skip(name, _PARTLY.format(cls=type(module).__name__, shapes=shapes))
 
     def _padded_queries(
         self, name: str, batch: int, queries: int, keys: int, cached: bool
@@ -606,14 +611,14 @@ _UNMAPPED = (
     "attention over another axis); nothing of it is recorded"
 )
 _PARTLY = (
-    "{cls}: its (batch, heads, query, key) softmaxes are recorded, but it also computed "
+    "{cls}: its (batch, heads, query, key) weights are recorded, but it also computed "
     "softmaxes of a layout attnscope does not map, left out: {shapes} (global or multi-stream "
     "attention beside a mapped one)"
 )
 _NO_SOFTMAX = (
-    "{cls} computed no softmax and called no attention kernel attnscope knows (linear, "
-    "recurrent or kernelised attention, or a kernel of its own): it has no attention weights "
-    "to capture"
+    "{cls} computed no softmax (none over more than one element) and called no attention "
+    "kernel attnscope knows (linear, recurrent or kernelised attention, or a kernel of its "
+    "own): it has no attention weights to capture"
 )
 
 
