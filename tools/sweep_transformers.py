@@ -782,7 +782,7 @@ def _masked_diff(got: Any, want: Any, mask: Any) -> float:
     import torch
 
     got, want = got.float(), want.float()
-    rows = ~torch.isnan(want).any(dim=-1)
+    rows = ~torch.isnan(want).any(dim=-1) & ~torch.isnan(got).any(dim=-1)  # NaN: not in view
     if (
         mask is not None
         and got.dim() == 4
@@ -797,24 +797,65 @@ def _masked_diff(got: Any, want: Any, mask: Any) -> float:
     return gap if gap == gap and gap != float("inf") else float("inf")
 
 
-def view_of(got: Any, shape: tuple[int, ...]) -> tuple[str, Any] | None:
-    """How a captured (batch, heads, query, key) map can show an eager map of ``shape``:
+def views_of(got: Any, shape: tuple[int, ...], mask: Any = None) -> list[tuple[str, Any]]:
+    """The ways a captured (batch, heads, query, key) map can show an eager map of ``shape``:
     the same shape; flattened to (batch·heads, query, key) for a 3-D eager map (the SAM-family
-    layout); or its trailing (query, key) block when batch and heads agree and eager's map is
-    smaller (an output that crops off prepended positions, CPM-Ant's prompt)."""
+    layout); its trailing (query, key) block when batch and heads agree and eager's map is
+    smaller (an output that crops off prepended positions, CPM-Ant's prompt); a sliding-window
+    band (batch, heads, query, 2w + 1), offset j of query i at key i + j - w (Longformer, LED);
+    local blocks (batch, blocks, heads, L, 3L), block n's queries over the blocks n - 1 to n + 1
+    (LongT5). Rows a view cannot show (eager's padding beyond the captured length, and, given
+    the 2-D padding ``mask``, padded queries, whose rows a capture leaves zero) are NaN and not
+    compared."""
+    import torch
+
+    found: list[tuple[str, Any]] = []
+    if bool(torch.isnan(got).any()):
+        return found  # a capture never leaves NaN: such a map shows nothing
     if tuple(got.shape) == shape:
-        return "same", got
+        found.append(("same", got))
     if got.dim() == 4 and len(shape) == 3 and tuple(got.flatten(0, 1).shape) == shape:
-        return "batch·heads", got.flatten(0, 1)
+        found.append(("batch·heads", got.flatten(0, 1)))
+    square = got.dim() == 4 and got.size(-1) == got.size(-2)
     if (
         got.dim() == 4
         and len(shape) == 4
         and tuple(got.shape[:2]) == shape[:2]
         and got.size(-2) >= shape[-2]
         and got.size(-1) >= shape[-1]
+        and tuple(got.shape) != shape
     ):
-        return "trailing crop", got[..., got.size(-2) - shape[-2] :, got.size(-1) - shape[-1] :]
-    return None
+        found.append(
+            ("trailing crop", got[..., got.size(-2) - shape[-2] :, got.size(-1) - shape[-1] :])
+        )
+    if square and len(shape) == 4 and tuple(got.shape[:2]) == shape[:2] and shape[-1] % 2:
+        length, queries, width = got.size(-1), shape[-2], shape[-1]
+        if queries <= length and tuple(got.shape) != shape:
+            keys = torch.arange(queries)[:, None] + torch.arange(width) - width // 2
+            inside = (keys >= 0) & (keys < length)
+            index = keys.clamp(0, length - 1).expand(*shape)
+            band = got[:, :, :queries].gather(-1, index) * inside
+            found.append(("sliding-window band", band))
+    if square and len(shape) == 5 and shape[0] == got.size(0) and shape[2] == got.size(1):
+        batch, blocks, heads, size, keys = shape
+        length = got.size(-1)
+        if keys == 3 * size and length <= blocks * size:
+            padded = got.new_full((batch, heads, blocks * size, (blocks + 2) * size), float("nan"))
+            padded[:, :, :length, :] = 0.0
+            padded[:, :, :length, size : size + length] = got
+            if mask is not None and tuple(mask.shape) == (batch, length):
+                padded[:, :, :length][~mask.bool()[:, None, :].expand(batch, heads, length)] = (
+                    float("nan")
+                )
+            local = torch.stack(
+                [
+                    padded[:, :, n * size : (n + 1) * size, n * size : (n + 3) * size]
+                    for n in range(blocks)
+                ],
+                dim=1,
+            )
+            found.append(("local blocks", local))
+    return found
 
 
 def is_weights(tensor: Any) -> bool:
@@ -836,7 +877,7 @@ def references(
     are softmaxed scores, the shapes of what eager returned that is no attention weights).
 
     Weights are kept as they are. A tensor of 3 or more dims that is not weights, but whose
-    softmax over the last axis matches a captured map in a view of ``view_of``, is pre-softmax
+    softmax over the last axis matches a captured map in a view of ``views_of``, is pre-softmax
     scores returned as attentions (SqueezeBERT, ProphetNet): its softmax is the reference.
     Anything else (hidden states, a recurrent state, groupings over another axis, a map that
     is NaN throughout) is no reference."""
@@ -854,8 +895,8 @@ def references(
         if tensor.dim() >= 3 and tensor.is_floating_point():
             soft = tensor.detach().float().softmax(-1)
             shape = tuple(soft.shape)
-            views = (view_of(got, shape) for got in captured)
-            if any(v is not None and _masked_diff(v[1], soft, mask) <= ATOL for v in views):
+            views = (v for got in captured for v in views_of(got, shape, mask))
+            if any(_masked_diff(v[1], soft, mask) <= ATOL for v in views):
                 kept.append(soft)
                 origins.append(tensor)
                 scores += 1
@@ -866,7 +907,7 @@ def references(
 
 def pair(captured: list[Any], refs: list[Any], mask: Any) -> dict[str, Any]:
     """Pairs from the reference side: each eager map, in order, takes the unused captured map
-    closest to it in one of the views of ``view_of``, or, with the next eager map, one
+    closest to it in one of the views of ``views_of``, or, with the next eager map, one
     captured map whose keys are the two maps' keys side by side (one call over
     [self keys, cross keys] that eager splits in two, T5Gemma2's merged attention).
 
@@ -882,11 +923,10 @@ def pair(captured: list[Any], refs: list[Any], mask: Any) -> dict[str, Any]:
         want = refs[i]
         best: tuple[float, int, str] | None = None
         for j in unused:
-            view = view_of(captured[j], tuple(want.shape))
-            if view is not None:
-                gap = _masked_diff(view[1], want, mask)
+            for how, view in views_of(captured[j], tuple(want.shape), mask):
+                gap = _masked_diff(view, want, mask)
                 if best is None or gap < best[0]:
-                    best = (gap, j, view[0])
+                    best = (gap, j, how)
         after = refs[i + 1] if i + 1 < len(refs) else None
         if after is not None and want.dim() == 4 and after.shape[:-1] == want.shape[:-1]:
             keys = want.size(-1)
@@ -1125,6 +1165,7 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
         owners: dict[int, str] = {}
         eager_notes: list[str] = []
         eager_error = None
+        suspect = False  # the eager model computes something else than the default one
         try:
             eager_out, returned, owners, eager_note = eager_reference(model, inputs)
             if eager_note:
@@ -1135,8 +1176,10 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
             if ours is not None and theirs is not None and ours.shape == theirs.shape:
                 gap = (ours.float() - theirs.float()).abs().max().item()
                 if bool(torch.isnan(theirs).any()) and not bool(torch.isnan(ours).any()):
+                    suspect = True
                     eager_notes.append("eager model's own output has NaN; the default's has none")
                 elif gap > 1e-3:
+                    suspect = True
                     eager_notes.append(
                         f"eager model's own output differs from the default's by {gap:.3g}"
                     )
@@ -1201,6 +1244,9 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
             outcome, notes, worst, extra = judge(
                 captured, returned, owners, skipped, inputs.get("attention_mask")
             )
+            if suspect and outcome == "mismatch":  # its weights are another model's
+                outcome = "no-reference"
+                notes.insert(0, "eager's weights belong to a model that computes otherwise")
             result.update(outcome=outcome, extra_maps=extra)
             if worst is not None:
                 result["max_diff"] = f"{worst:.3g}"
