@@ -370,8 +370,6 @@ class _SdpaSession(Session):
         recorded under the innermost module that computed it. A 3-D one is taken only once it
         multiplies something, as only then is it surely attention.
         """
-        if axis is not None and weights.size(axis) == 1:
-            return None  # a softmax over one element is 1 whatever it is given: no attention
         last = axis is not None and axis == weights.dim() - 1
         frame = self.running[-1] if self.running else None
         if frame is not None:
@@ -387,7 +385,10 @@ class _SdpaSession(Session):
                 frame.softmaxes.append(band)
                 return None
             if not last or _heads_first(weights, frame.module) is None:
-                frame.unmapped.append(f"{tuple(weights.shape)} over axis {axis}")
+                # noted if over keys (the last axis, of more than one, of a map-like tensor);
+                # a softmax over another axis (a gate, a convolution's kernel) is no map at all
+                if last and weights.dim() >= 3 and weights.size(-1) > 1:
+                    frame.unmapped.append(f"{tuple(weights.shape)} over axis {axis}")
                 return None
             if weights.dim() == 4:
                 frame.softmaxes.append(weights.detach().clone())
@@ -616,7 +617,7 @@ _PARTLY = (
     "attention beside a mapped one)"
 )
 _NO_SOFTMAX = (
-    "{cls} computed no softmax (none over more than one element) and called no attention "
+    "{cls} computed no softmax over keys (the last axis of a map) and called no attention "
     "kernel attnscope knows (linear, recurrent or kernelised attention, or a kernel of its "
     "own): it has no attention weights to capture"
 )
