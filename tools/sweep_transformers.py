@@ -828,7 +828,13 @@ def views_of(got: Any, shape: tuple[int, ...], mask: Any = None) -> list[tuple[s
         found.append(
             ("trailing crop", got[..., got.size(-2) - shape[-2] :, got.size(-1) - shape[-1] :])
         )
-    if square and len(shape) == 4 and tuple(got.shape[:2]) == shape[:2] and shape[-1] % 2:
+    if (
+        square
+        and len(shape) == 4
+        and tuple(got.shape[:2]) == shape[:2]
+        and shape[-1] % 2
+        and 3 <= shape[-1] != got.size(-1)
+    ):
         length, queries, width = got.size(-1), shape[-2], shape[-1]
         if queries <= length and tuple(got.shape) != shape:
             keys = torch.arange(queries)[:, None] + torch.arange(width) - width // 2
