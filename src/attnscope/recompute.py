@@ -19,8 +19,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .calls import is_causal_mask as is_causal_mask  # the kind rule lives in calls
-
 # PyTorch's softmax itself, bound at import: a capture stands in front of ``torch.softmax`` to
 # see hand-written attention (``adapters.softmax``), and must not see its own recompute
 _softmax = torch.softmax

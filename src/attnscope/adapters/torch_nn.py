@@ -42,10 +42,11 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .. import pool
+from ..calls import kind_of
 from ..errors import AttnScopeError
 from ..intercept import Proceed, observe
 from ..padded_rows import blank_rows, blank_rows_, query_padding
-from ..recompute import additive_mask, causal_additive_mask, is_causal_mask, softmax_weights
+from ..recompute import additive_mask, causal_additive_mask, softmax_weights
 from . import torch_native
 from .base import AttentionCall, Recorder
 
@@ -219,12 +220,11 @@ def mha_call(
     hinted = is_causal and attn_mask is not None
     # with the hint, no padding and no weights asked, the slow path lets sdpa mask causally
     use_causal = hinted and key_padding_mask is None and not need_weights and not native_kernel
-    if use_causal:
-        kind = "causal"
-    elif self_attention:
-        kind = "causal" if (hinted and not native_kernel) or is_causal_mask(attn_mask) else "self"
-    else:
-        kind = "cross"
+    kind = kind_of(
+        cross=not self_attention and not use_causal,
+        causal=use_causal or (self_attention and hinted and not native_kernel),
+        hidden=attn_mask if self_attention else None,
+    )
     shape = (batch, mha.num_heads, query_len, key_len)
     if kernel_weights is not None and kernel_weights.dim() == 4:
         weights = _conform(kernel_weights, shape, key_padding_mask, attn_mask, self_attention)
