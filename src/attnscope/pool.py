@@ -124,12 +124,14 @@ def _drain() -> None:
         size = block.numel()
         if size > LIMIT:
             continue
-        while _free_total + size > LIMIT:
+        while _free_total + size > LIMIT and _order:
             oldest = _order.popleft()
-            _free[oldest].pop(0)
-            if not _free[oldest]:
-                del _free[oldest]
-            _free_total -= oldest
+            blocks = _free.get(oldest)
+            if blocks:
+                blocks.pop(0)
+                _free_total -= oldest
+            if not blocks:
+                _free.pop(oldest, None)
         _free.setdefault(size, []).append(block)
         _order.append(size)
         _free_total += size
@@ -141,15 +143,18 @@ def _take(size: int) -> Tensor:
     global _free_total
     with _lock:
         _drain()
-        fitting = [n for n in _free if size <= n <= size + size // 4]
+        # empty lists and stale order entries may be left by a KeyboardInterrupt between two
+        # of these steps: they are skipped, never trusted
+        fitting = [n for n, blocks in _free.items() if blocks and size <= n <= size + size // 4]
         if fitting:
             best = min(fitting)
             blocks = _free[best]
             block = blocks.pop()
+            _free_total -= best
             if not blocks:
                 del _free[best]
-            _order.remove(best)
-            _free_total -= best
+            if best in _order:
+                _order.remove(best)
             return block
     # a normal tensor even under inference_mode: a block made there would be an inference
     # tensor, which no capture outside inference_mode could write into when it is reused
