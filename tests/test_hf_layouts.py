@@ -194,3 +194,44 @@ def test_blocked_local_attention_is_laid_out_as_batch_heads_query_key() -> None:
                     expected[:, :, query, key] = blocked[:, n, :, i, c]
     assert attn[name].shape == (batch, heads, 7, 7)
     torch.testing.assert_close(attn[name], expected, atol=1e-6, rtol=0)
+
+
+def test_global_and_block_local_attention_is_laid_out_over_globals_and_sequence() -> None:
+    """PEGASUS-X: its global tokens attend over [globals; sequence], and each block of the
+    sequence over the globals and its own block, (batch, heads, blocks, L, G + L); the second
+    map lays that out over the same [globals; sequence] keys, against its own eager weights."""
+    torch.manual_seed(0)
+    config = transformers.PegasusXConfig(
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=36,
+        decoder_ffn_dim=36,
+        vocab_size=99,
+        block_size=4,
+        num_global_tokens=2,
+        max_position_embeddings=64,
+    )
+    encoder = transformers.PegasusXModel(config).get_encoder().eval()
+    ids = torch.randint(3, 99, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        plain = encoder(input_ids=ids)
+        (own,) = encoder(input_ids=ids, output_attentions=True).attentions
+        with attnscope.capture(encoder) as attn:
+            out = encoder(input_ids=ids)
+    assert torch.equal(out.last_hidden_state, plain.last_hidden_state)
+    assert attn.skipped == {} and attn.names == ["layers.0.self_attn"]
+    global_rows, local_rows = attn.calls("layers.0.self_attn")
+    torch.testing.assert_close(global_rows, own["global"], atol=1e-6, rtol=0)
+    blocked = own["local"]  # (batch, heads, blocks, L, G + L)
+    batch, heads, blocks, size, keys = blocked.shape
+    extra = keys - size
+    expected = torch.zeros(batch, heads, blocks * size, extra + blocks * size)
+    for n in range(blocks):
+        for i in range(size):
+            expected[:, :, n * size + i, :extra] = blocked[:, :, n, i, :extra]
+            for j in range(size):
+                expected[:, :, n * size + i, extra + n * size + j] = blocked[:, :, n, i, extra + j]
+    torch.testing.assert_close(local_rows, expected, atol=1e-6, rtol=0)

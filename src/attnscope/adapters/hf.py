@@ -22,7 +22,11 @@ flex) stay about kernels:
   key ``i + j - w`` for query ``i``: ``dense_band`` lays it out as (batch, heads, query, key),
   zero outside the window; with global attention (extra leading columns) it is left unmapped;
 - LongT5's local attention is blocked, (batch, blocks, heads, L, 3L), each block of L queries
-  over the block before, its own and the one after: ``dense_blocks`` lays it out the same way.
+  over the block before, its own and the one after: ``dense_blocks`` lays it out the same way;
+- PEGASUS-X's local attention is blocked too, (batch, heads, blocks, L, G + L), each block's
+  queries over the G global tokens and their own block: ``dense_global_local`` lays it out
+  over [globals; sequence] keys, (batch, heads, sequence, G + sequence), beside its global
+  tokens' own map (batch, heads, G, G + sequence).
 """
 
 from __future__ import annotations
@@ -202,3 +206,25 @@ def dense_blocks(module: nn.Module, weights: Tensor, length: int | None) -> Tens
     if length is not None and 0 < length <= blocks * size:
         dense = dense[:, :, :length, :length]
     return dense.contiguous()
+
+
+def dense_global_local(module: nn.Module, weights: Tensor) -> Tensor | None:
+    """A blocked local softmax (batch, heads, blocks, L, G + L) of a module with ``block_size``
+    L, block n's queries over G global tokens then their own block, as (batch, heads, blocks·L,
+    G + blocks·L) over [globals; sequence] keys, zero outside each query's block; None for
+    anything else."""
+    size = attribute(module, "block_size", None)
+    if not isinstance(size, int) or weights.dim() != 5:
+        return None
+    batch, heads, blocks, queries, keys = weights.shape
+    extra = keys - size
+    if queries != size or extra < 0 or heads != head_count(module):
+        return None
+    weights = weights.detach()
+    length = blocks * size
+    dense = weights.new_zeros(batch, heads, length, extra + length)
+    dense[..., :extra] = weights[..., :extra].reshape(batch, heads, length, extra)
+    for n in range(blocks):
+        rows = slice(n * size, (n + 1) * size)
+        dense[:, :, rows, extra + n * size : extra + (n + 1) * size] = weights[:, :, n, :, extra:]
+    return dense

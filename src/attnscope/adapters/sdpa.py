@@ -381,6 +381,8 @@ class _SdpaSession(Session):
                 band = hf.dense_band(frame.module, weights, frame.arguments)
                 if band is None:
                     band = hf.dense_blocks(frame.module, weights, frame.length)
+                if band is None:
+                    band = hf.dense_global_local(frame.module, weights)
             if band is not None:
                 frame.softmaxes.append(band)
                 return None
