@@ -804,9 +804,10 @@ def views_of(got: Any, shape: tuple[int, ...], mask: Any = None) -> list[tuple[s
     smaller (an output that crops off prepended positions, CPM-Ant's prompt); a sliding-window
     band (batch, heads, query, 2w + 1), offset j of query i at key i + j - w (Longformer, LED);
     local blocks (batch, blocks, heads, L, 3L), block n's queries over the blocks n - 1 to n + 1
-    (LongT5). Rows a view cannot show (eager's padding beyond the captured length, and, given
-    the 2-D padding ``mask``, padded queries, whose rows a capture leaves zero) are NaN and not
-    compared."""
+    (LongT5); global and local blocks (batch, heads, blocks, L, G + L), each block's queries over
+    G global keys then their own block (PEGASUS-X). Rows a view cannot show (eager's padding
+    beyond the captured length, and, given the 2-D padding ``mask``, padded queries, whose rows
+    a capture leaves zero) are NaN and not compared."""
     import torch
 
     found: list[tuple[str, Any]] = []
@@ -861,6 +862,20 @@ def views_of(got: Any, shape: tuple[int, ...], mask: Any = None) -> list[tuple[s
                 dim=1,
             )
             found.append(("local blocks", local))
+    if got.dim() == 4 and len(shape) == 5 and tuple(shape[:2]) == tuple(got.shape[:2]):
+        batch, heads, blocks, size, keys = shape
+        extra = keys - size  # global keys ahead of each block's own
+        length = blocks * size
+        if extra >= 0 and got.size(-2) == length and got.size(-1) == extra + length:
+            rows = got.reshape(batch, heads, blocks, size, extra + length)
+            own = torch.stack(
+                [
+                    rows[:, :, n, :, extra + n * size : extra + (n + 1) * size]
+                    for n in range(blocks)
+                ],
+                dim=2,
+            )
+            found.append(("global and local blocks", torch.cat([rows[..., :extra], own], -1)))
     return found
 
 
