@@ -235,3 +235,29 @@ def test_global_and_block_local_attention_is_laid_out_over_globals_and_sequence(
             for j in range(size):
                 expected[:, :, n * size + i, extra + n * size + j] = blocked[:, :, n, i, extra + j]
     torch.testing.assert_close(local_rows, expected, atol=1e-6, rtol=0)
+
+
+def test_xlnet_two_streams_are_two_calls_equal_to_its_own_weights() -> None:
+    """XLNet with a permutation mask and targets runs a content and a query stream: each layer's
+    module gives two (batch, heads, query, key) maps, equal to eager's pair."""
+    torch.manual_seed(0)
+    config = transformers.XLNetConfig(d_model=32, n_layer=2, n_head=4, d_inner=36, vocab_size=99)
+    model = transformers.XLNetLMHeadModel(config).eval()
+    ids = torch.randint(3, 99, (2, 7), generator=torch.Generator().manual_seed(0))
+    perm = torch.zeros(2, 7, 7)
+    perm[:, :, -1] = 1.0  # no position sees the last token
+    targets = torch.zeros(2, 1, 7)
+    targets[:, 0, -1] = 1.0  # predict it
+    inputs = dict(input_ids=ids, perm_mask=perm, target_mapping=targets)
+    with torch.no_grad():
+        plain = model(**inputs)
+        own = model(**inputs, output_attentions=True).attentions
+        with attnscope.capture(model) as attn:
+            out = model(**inputs)
+    assert torch.equal(out.logits, plain.logits)
+    assert attn.skipped == {} and len(attn.names) == 2
+    for name, (content, query) in zip(attn.names, own, strict=True):
+        got = attn.calls(name)
+        assert len(got) == 2
+        torch.testing.assert_close(got[0], content, atol=1e-6, rtol=0)
+        torch.testing.assert_close(got[1], query, atol=1e-6, rtol=0)
