@@ -166,6 +166,19 @@ def attribute(owner: object, name: str, default: Any) -> Any:
         return default
 
 
+def dense_layout(
+    module: nn.Module, weights: Tensor, given: dict[str, Any], length: int | None
+) -> Tensor | None:
+    """A windowed or blocked softmax over its last axis (``dense_band``, ``dense_blocks``,
+    ``dense_global_local``) as a (batch, heads, query, key) map, or None."""
+    dense = dense_band(module, weights, given)
+    if dense is None:
+        dense = dense_blocks(module, weights, length)
+    if dense is None:
+        dense = dense_global_local(module, weights)
+    return dense
+
+
 def dense_band(module: nn.Module, weights: Tensor, given: dict[str, Any]) -> Tensor | None:
     """A sliding-window softmax (batch, query, heads, 2w + 1) of a module with
     ``one_sided_attn_window_size`` w as a (batch, heads, query, key) map, zero outside each

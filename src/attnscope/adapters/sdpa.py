@@ -272,6 +272,10 @@ class _Frame:
         self.arguments: dict[str, Any] = {}  # its keyword arguments
         self.length: int | None = None  # its input's length, (batch, length, width) states
 
+    def left_out(self) -> str:
+        """The softmaxes it computed that are no map, each once, for ``attn.skipped``."""
+        return ", ".join(dict.fromkeys(self.unmapped))
+
 
 class _SdpaSession(Session):
     def __init__(
@@ -376,15 +380,13 @@ class _SdpaSession(Session):
             running = frame
             if frame.recorded:
                 return None
-            band = None
-            if last:
-                band = hf.dense_band(frame.module, weights, frame.arguments)
-                if band is None:
-                    band = hf.dense_blocks(frame.module, weights, frame.length)
-                if band is None:
-                    band = hf.dense_global_local(frame.module, weights)
-            if band is not None:
-                frame.softmaxes.append(band)
+            dense = (
+                hf.dense_layout(frame.module, weights, frame.arguments, frame.length)
+                if last
+                else None
+            )
+            if dense is not None:
+                frame.softmaxes.append(dense)
                 return None
             if not last or _heads_first(weights, frame.module) is None:
                 # noted if over keys (the last axis, of more than one, of a map-like tensor);
@@ -482,8 +484,8 @@ class _SdpaSession(Session):
             for computed in frame.softmaxes:
                 self._record_map(name, module, frame, computed)
             if frame.unmapped:  # what was recorded is not all it computed: say what is missing
-                shapes = ", ".join(dict.fromkeys(frame.unmapped))
-                self.recorder.skip(name, _PARTLY.format(cls=type(module).__name__, shapes=shapes))
+                why = _PARTLY.format(cls=type(module).__name__, shapes=frame.left_out())
+                self.recorder.skip(name, why)
             return
         if weights is None:
             implementation = hf.implementation(module)
@@ -492,8 +494,7 @@ class _SdpaSession(Session):
                 if bound:
                     self.recorder.skip(name, _PREBOUND_NOTE.format(name=bound))
                 elif frame.unmapped:
-                    shapes = ", ".join(dict.fromkeys(frame.unmapped))
-                    why = _UNMAPPED.format(cls=type(module).__name__, shapes=shapes)
+                    why = _UNMAPPED.format(cls=type(module).__name__, shapes=frame.left_out())
                     self.recorder.skip(name, why)
                 elif _says_attention(module):
                     self.recorder.skip(name, _NO_SOFTMAX.format(cls=type(module).__name__))
@@ -507,8 +508,8 @@ class _SdpaSession(Session):
             )
         self._record_map(name, module, frame, weights)
         if frame.unmapped:  # it returned one map, and computed others that are not
-            shapes = ", ".join(dict.fromkeys(frame.unmapped))
-            self.recorder.skip(name, _PARTLY.format(cls=type(module).__name__, shapes=shapes))
+            why = _PARTLY.format(cls=type(module).__name__, shapes=frame.left_out())
+            self.recorder.skip(name, why)
 
     def _padded_queries(
         self, name: str, batch: int, queries: int, keys: int, cached: bool
