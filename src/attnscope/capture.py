@@ -58,8 +58,10 @@ class _Recorder:
         max_bytes: int | None,
         lazy: bool,
         spill: Spill | None,
+        consume: Consumer | None = None,
     ) -> None:
         self.maps = maps
+        self.consume = consume
         self.heads = None if heads is None else list(heads)
         self.rows = None if rows is None else list(rows)
         self.to = to
@@ -104,6 +106,10 @@ class _Recorder:
                 "modules (include=/exclude=), heads (heads=) or query rows (rows=), store a "
                 "smaller dtype, or capture lazily (lazy=True) or to disk (spill=DIR)."
             )
+        if self.consume is not None:  # streamed: handed over as the call finishes, never kept
+            self.consume(name, call.kind, finish(call.compute(rows), self.heads, self.to, None))
+            self.calls += 1
+            return
         if not self.keep:
             weights = finish(call.compute(rows), self.heads, self.to, self.dtype)
             if self.spill is not None:
@@ -167,7 +173,9 @@ class Capture:
         self._guard.deliver()
         if exc_info[0] is None and not self._found_before:
             maps = self._recorder.maps
-            if not maps.names and not maps.skipped:  # nothing found before, nor while it ran
+            if (
+                not self._recorder.calls and not maps.skipped
+            ):  # nothing found before, nor while it ran
                 raise AttnScopeError(
                     _nothing_found(self._model, self._adapters)
                     + ". Nothing ran in the block that looked like attention"
@@ -239,6 +247,53 @@ def capture(
     return Capture(model, options)
 
 
+Consumer = Callable[[str, str, Tensor], None]
+
+
+def stream(
+    model: nn.Module,
+    consume: Consumer,
+    *,
+    include: NamesFilter | None = None,
+    exclude: NamesFilter | None = None,
+    heads: Sequence[int] | None = None,
+    rows: Sequence[int] | None = None,
+    adapters: Sequence[Adapter] = (),
+) -> Capture:
+    """A capture that keeps nothing: each call's weights go to ``consume(name, kind,
+    weights)`` as the call finishes (exactly the tensor a capture would store, detached, on
+    the CPU, in the kernel's dtype) and are dropped when it returns. What ``attnscope.scan``
+    builds its statistics on; the ``AttentionMaps`` it yields stays empty but for ``skipped``.
+
+    >>> import torch
+    >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
+    >>> model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    >>> seen = []
+    >>> with torch.no_grad(), stream(model, lambda n, k, w: seen.append((n, tuple(w.shape)))):
+    ...     out = model(torch.randn(2, 5, 16))
+    >>> seen
+    [('layers.0.self_attn', (2, 4, 5, 5)), ('layers.1.self_attn', (2, 4, 5, 5))]
+    """
+    if not callable(consume):
+        raise AttnScopeError(
+            f"stream() takes a callable consume(name, kind, weights), got {consume!r}"
+        )
+    options: dict[str, Any] = {
+        "include": include,
+        "exclude": exclude,
+        "heads": heads,
+        "to": "cpu",
+        "dtype": None,
+        "max_bytes": None,
+        "rows": rows,
+        "lazy": False,
+        "spill": None,
+        "adapters": adapters,
+        "consume": consume,
+    }
+    return Capture(model, options)
+
+
 def _prepare(
     model: nn.Module,
     *,
@@ -252,6 +307,7 @@ def _prepare(
     lazy: bool,
     spill: str | os.PathLike[str] | None,
     adapters: Sequence[Adapter],
+    consume: Consumer | None = None,
 ) -> tuple[list[tuple[Adapter, dict[str, nn.Module], Callable[[str], bool]]], _Recorder]:
     """Check the options and the model; find the attention modules each adapter observes."""
     if not isinstance(model, nn.Module):
@@ -304,6 +360,7 @@ def _prepare(
         _check_max_bytes(max_bytes),
         bool(lazy),
         None if spill is None else Spill(spill),
+        consume,
     )
     chosen = [
         (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found
