@@ -410,6 +410,31 @@ class AttentionMaps:
             None if target_ids is None else _ids_to_tokens(tokenizer, target_ids),
         )
 
+    def merge_tokens(
+        self,
+        groups: Sequence[Sequence[int]] | None = None,
+        target_groups: Sequence[Sequence[int]] | None = None,
+        *,
+        batch: int | None = None,
+    ) -> AttentionMaps:
+        """Word-level maps: sub-word tokens merged into words (Clark et al. 2019).
+
+        Attention *to* a word is the sum of its tokens' columns; attention *from* a word is the
+        mean of its tokens' rows, so rows still sum to 1. ``groups`` (positions of ``tokens``,
+        one list per word) and ``target_groups`` (of ``target_tokens``) default to the words
+        read from the labels' ``##`` / ``Ġ`` / ``▁`` markers; special tokens stay single.
+        Each module's ``display`` weights are merged; ``batch`` merges one batch item.
+
+        >>> w = torch.tensor([[[[0.5, 0.25, 0.25], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]]]])
+        >>> maps = AttentionMaps.from_tensors({"l": w}).with_tokens(["[CLS]", "play", "##ing"])
+        >>> words = maps.merge_tokens()
+        >>> words.tokens, words["l"][0, 0].tolist()
+        (['[CLS]', 'playing'], [[0.5, 0.5], [0.5, 0.5]])
+        """
+        from .words import merge_maps
+
+        return merge_maps(self, groups, target_groups, batch=batch)  # type: ignore[arg-type]
+
     def labels(self, name: str, batch: int = 0) -> tuple[list[str] | None, list[str] | None]:
         """(query labels, key labels) of ``name`` for one batch item.
 
