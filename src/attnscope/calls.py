@@ -80,7 +80,10 @@ class AttentionCall:
 
     ``compute(rows)`` gives (batch, heads, query, key) weights, for the query positions
     ``rows`` (a LongTensor) only when given. ``held`` are the tensors it reads, which a lazy
-    capture keeps instead of the weights.
+    capture keeps instead of the weights. ``terms()``, where the adapter has them, gives the
+    per-head queries, already multiplied by the kernel's scale, and keys, (batch, heads,
+    query, dim) and (batch, heads, key, dim), heads expanded for grouped-query attention: their
+    product ``q @ kᵀ`` is the scores before the mask (``AttentionMaps.queries_keys``).
     """
 
     kind: str
@@ -88,6 +91,7 @@ class AttentionCall:
     dtype: torch.dtype
     compute: Callable[[Tensor | None], Tensor]
     held: tuple[Tensor, ...] = ()
+    terms: Callable[[], tuple[Tensor, Tensor]] | None = None
 
     @classmethod
     def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:

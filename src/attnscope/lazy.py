@@ -56,6 +56,27 @@ class LazyWeights:
 
     def materialize(self) -> Tensor:
         """Compute the weights now (nothing is cached: reading twice computes twice)."""
+        self._check_unchanged()
+        return finish(self._call.compute(self._rows), self._heads, self._device, self._dtype)
+
+    def terms(self) -> tuple[Tensor, Tensor]:
+        """The scaled per-head queries (of the captured rows) and keys the weights come from:
+        (batch, heads, query, dim) and (batch, heads, key, dim) (``AttentionCall.terms``)."""
+        if self._call.terms is None:
+            raise AttnScopeError(
+                f"{self.name}: its adapter does not give this call's queries and keys (only "
+                "its weights); queries_keys() works for sdpa and torch.nn attention"
+            )
+        self._check_unchanged()
+        q, k = self._call.terms()
+        if self._rows is not None:
+            q = q[:, :, self._rows]
+        return (
+            finish(q, self._heads, self._device, self._dtype),
+            finish(k, self._heads, self._device, self._dtype),
+        )
+
+    def _check_unchanged(self) -> None:
         for tensor, version in zip(self._call.held, self._versions, strict=True):
             if _version(tensor) != version:
                 raise AttnScopeError(
@@ -63,7 +84,6 @@ class LazyWeights:
                     "the forward (e.g. a static KV cache), so its weights can no longer be "
                     "computed exactly; capture with lazy=False"
                 )
-        return finish(self._call.compute(self._rows), self._heads, self._device, self._dtype)
 
     @property
     def nbytes(self) -> int:

@@ -166,6 +166,37 @@ class AttentionMaps:
         self._check_name(name)
         return [_resolve(w) for w in self._calls[name]]
 
+    def queries_keys(self, name: str, call: int = -1) -> tuple[Tensor, Tensor]:
+        """A lazy capture's per-head queries, already multiplied by the kernel's scale, and
+        keys for ``name`` (its ``call``-th call, the last by default): (batch, heads, query,
+        dim) and (batch, heads, key, dim), heads expanded for grouped-query attention, so
+        ``q @ k.transpose(-1, -2)`` are the scores before the mask and ``q[..., i, :] *
+        k[..., j, :]`` are the terms of query ``i``'s score for key ``j`` (bertviz's neuron
+        view).
+
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)
+        >>> model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+        >>> from attnscope import capture
+        >>> with torch.no_grad(), capture(model, lazy=True) as attn:
+        ...     _ = model(torch.randn(1, 3, 8))
+        >>> q, k = attn.queries_keys("layers.0.self_attn")
+        >>> scores = q @ k.transpose(-1, -2)
+        >>> torch.allclose(scores.softmax(-1), attn["layers.0.self_attn"], atol=1e-6)
+        True
+        """
+        self._check_name(name)
+        calls = self._calls[name]
+        if not -len(calls) <= call < len(calls):
+            raise AttnScopeError(f"{name!r} was called {len(calls)} times; call={call} is out")
+        weights = calls[call]
+        if not isinstance(weights, LazyWeights):
+            raise AttnScopeError(
+                f"{name!r} holds weights only: queries and keys are kept by lazy captures, "
+                "capture(model, lazy=True)"
+            )
+        return weights.terms()
+
     def rows(self, name: str) -> list[int] | None:
         """The query positions captured (``capture(rows=...)``), or None for all of them."""
         self._check_name(name)

@@ -661,11 +661,23 @@ def sdpa_call(
         padded_queries = None
     is_causal = call.is_causal
 
+    def expanded_keys() -> Tensor:
+        if key.size(1) != query.size(1):  # grouped-query attention: one map per query head
+            return key.repeat_interleave(query.size(1) // key.size(1), dim=1)
+        return key
+
+    def terms() -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            if packed:  # (batch, kv heads, groups, dim): one query per head, keys shared
+                groups = query.size(-2)
+                return query.reshape(batch, heads, 1, dim) * scale, key.repeat_interleave(
+                    groups, dim=1
+                )
+            return query * scale, expanded_keys()
+
     def compute(rows: Tensor | None = None) -> Tensor:
         with torch.no_grad():
-            q, k, m = query, key, mask
-            if k.size(1) != q.size(1):  # grouped-query attention: one map per query head
-                k = k.repeat_interleave(q.size(1) // k.size(1), dim=1)
+            q, k, m = query, expanded_keys(), mask
             if rows is not None and not packed:
                 q = q[:, :, rows]
                 if m is not None and m.size(-2) > 1:
@@ -683,7 +695,7 @@ def sdpa_call(
             return blank_rows(weights, hidden_keys(m), padded_queries, rows)
 
     held = tuple(t for t in (query, key, mask) if t is not None)
-    return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held)
+    return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held, terms)
 
 
 def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:

@@ -261,12 +261,17 @@ def mha_call(
                 replace=native_kernel,
             )
 
+    def terms() -> tuple[Tensor, Tensor]:
+        with torch.no_grad():
+            q, k = _mha_terms(projection, query_lbe, key_lbe)
+            return q * math.sqrt(1.0 / float(projection.head_dim)), k
+
     held = tuple(
         t
         for t in (query_lbe, key_lbe, key_padding_mask, mask, *projection.tensors())
         if t is not None
     )
-    return AttentionCall(kind, shape, query.dtype, compute, held)
+    return AttentionCall(kind, shape, query.dtype, compute, held, terms)
 
 
 def _queries_call(
@@ -308,7 +313,7 @@ def _queries_call(
         return _zero_padded_rows(weights, key_padding_mask, rows, inplace=True)
 
     held = tuple(t for t in (q, k, key_padding_mask, attn_mask) if t is not None)
-    return AttentionCall(kind, shape, q.dtype, compute, held)
+    return AttentionCall(kind, shape, q.dtype, compute, held, lambda: (q, k))
 
 
 def _conform(
@@ -358,32 +363,24 @@ def _mha_weights(
         if attn_mask is not None:
             attn_mask = attn_mask[rows] if attn_mask.dim() == 2 else attn_mask[:, rows]
     query_len = query.size(0)
-    heads, head_dim = p.heads, p.head_dim
-    q = F.linear(query, p.w_q, p.b_q)
-    k = F.linear(key, p.w_k, p.b_k)
+    q, k = _mha_terms(p, query, key)
     dtype = q.dtype
     mask = additive_mask(attn_mask, dtype)
     padding = additive_mask(key_padding_mask, dtype)
-    if p.bias_k is not None:
-        k = torch.cat([k, p.bias_k.to(k.dtype).repeat(1, batch, 1)])
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        padding = None if padding is None else F.pad(padding, (0, 1))
-    q = q.view(query_len, batch, heads, head_dim).permute(1, 2, 0, 3)
-    k = k.view(k.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
-    if p.add_zero_attn:
-        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
-        mask = None if mask is None else F.pad(mask, (0, 1))
-        padding = None if padding is None else F.pad(padding, (0, 1))
+    extra = int(p.bias_k is not None) + int(p.add_zero_attn)  # keys no mask covers: seen
+    if extra:
+        mask = None if mask is None else F.pad(mask, (0, extra))
+        padding = None if padding is None else F.pad(padding, (0, extra))
     key_len = k.size(2)
     if causal:
         mask = causal_additive_mask(full_len, key_len, dtype, q.device)
         mask = mask if rows is None else mask[rows]
     elif mask is not None:
-        mask = mask.view(batch, heads, query_len, key_len) if mask.dim() == 3 else mask
+        mask = mask.view(batch, p.heads, query_len, key_len) if mask.dim() == 3 else mask
     if padding is not None:
         padding = padding.view(batch, 1, 1, key_len)
         mask = padding if mask is None else mask + padding
-    scale = math.sqrt(1.0 / float(head_dim))
+    scale = math.sqrt(1.0 / float(p.head_dim))
     if replace and mask is not None:  # as the native kernel: a hidden key's score is replaced
         weights = softmax_weights(q, k, scale, None, mask != 0)
     else:
@@ -391,6 +388,22 @@ def _mha_weights(
     if zero_padded_queries and key_padding_mask is not None:
         weights = _zero_padded_rows(weights, key_padding_mask, rows, inplace=True)
     return weights
+
+
+def _mha_terms(p: _Projection, query: Tensor, key: Tensor) -> tuple[Tensor, Tensor]:
+    """The per-head queries and keys ``F.multi_head_attention_forward`` multiplies, unscaled,
+    (batch, heads, L, head_dim) and (batch, heads, S, head_dim) from (L, B, E) and (S, B, E),
+    ``bias_k`` and ``add_zero_attn``'s key appended."""
+    batch, heads, head_dim = query.size(1), p.heads, p.head_dim
+    q = F.linear(query, p.w_q, p.b_q)
+    k = F.linear(key, p.w_k, p.b_k)
+    if p.bias_k is not None:
+        k = torch.cat([k, p.bias_k.to(k.dtype).repeat(1, batch, 1)])
+    q = q.view(query.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
+    k = k.view(k.size(0), batch, heads, head_dim).permute(1, 2, 0, 3)
+    if p.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(batch, heads, 1, head_dim)], dim=2)
+    return q, k
 
 
 def _zero_padded_rows(
