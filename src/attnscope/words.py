@@ -223,7 +223,7 @@ def _item_groups(
     if labels is not None:
         per_item = labels if labels and isinstance(labels[0], list) else [labels] * (max(items) + 1)
     if groups is not None:
-        size = len(per_item[items[0]]) if per_item is not None else sum(len(g) for g in groups)
+        size = len(per_item[items[0]]) if per_item is not None else _length(attn, which)
         checked = check_groups(groups, size, which.replace("tokens", "groups"))
         if per_item is None:
             return True, checked, None
@@ -239,6 +239,21 @@ def _item_groups(
         )
     words = [word_labels(per_item[i], found[0]) for i in items]
     return False, found[0], words[0] if len(words) == 1 else words
+
+
+def _length(attn: AttentionMaps, which: str) -> int:
+    """How long the ``tokens`` or ``target_tokens`` sequence is, read from the maps' shapes."""
+    for name in attn.names:
+        query_seq, key_seq = _sequences(attn, name)
+        shape = attn._shape(name)
+        if key_seq == which:
+            return int(shape[3])
+        if query_seq == which and attn.rows(name) is None:
+            return int(shape[2])
+    raise AttnScopeError(
+        f"no module attends over {which}; drop "
+        f"{'target_groups' if which == 'target_tokens' else 'groups'}"
+    )
 
 
 def _sequences(attn: AttentionMaps, name: str) -> tuple[str, str]:
