@@ -43,6 +43,7 @@ from torch import Tensor
 
 from ..errors import AttnScopeError
 from ..maps import AttentionMaps
+from .aids import query_keys, word_entry
 
 DEFAULT_MAX_BYTES = 64 * 2**20
 DEFAULT_EXACT_BYTES = 8 * 2**20
@@ -107,6 +108,7 @@ def view(
     exact_bytes: int = DEFAULT_EXACT_BYTES,
     full_heads: Iterable[tuple[str, int]] | None = None,
     stats: Iterable[dict[str, object]] | None = None,
+    qk_bytes: int = DEFAULT_EXACT_BYTES,
 ) -> AttentionPage:
     """An interactive page of ``attn`` for one batch item: head view, model view, matrix view.
 
@@ -114,6 +116,10 @@ def view(
 
     ``full_heads`` chooses the (name, head) pairs kept at full resolution when the maps would
     pass ``max_bytes`` (default: every head of the first module, then as many as fit).
+
+    Reading aids: a "words" switch merges sub-word tokens as ``attn.merge_tokens()`` does; a
+    lazy capture (``capture(model, lazy=True)``) adds the query/key view, its q and k embedded
+    while they fit ``qk_bytes``; the matrix view exports as PNG and SVG.
 
     >>> maps = AttentionMaps.from_tensors({"layer": torch.full((1, 2, 3, 3), 1 / 3)})
     >>> page = view(maps.with_tokens(["a", "b", "c"]), element_id="demo")
@@ -124,7 +130,12 @@ def view(
         raise AttnScopeError(f"title must be a str, got {type(title).__name__}")
     root = _root_id(element_id)
     data = page_data(
-        attn, batch=batch, max_bytes=max_bytes, exact_bytes=exact_bytes, full_heads=full_heads
+        attn,
+        batch=batch,
+        max_bytes=max_bytes,
+        exact_bytes=exact_bytes,
+        full_heads=full_heads,
+        qk_bytes=qk_bytes,
     )
     data["title"] = title
     if stats is not None:
@@ -215,9 +226,13 @@ def page_data(
     max_bytes: int = DEFAULT_MAX_BYTES,
     exact_bytes: int = DEFAULT_EXACT_BYTES,
     full_heads: Iterable[tuple[str, int]] | None = None,
+    qk_bytes: int = DEFAULT_EXACT_BYTES,
 ) -> dict[str, object]:
     """The page's data: quantised maps, thumbnails, labels, and what was left out."""
     _check(attn, batch, max_bytes, exact_bytes)
+    if isinstance(qk_bytes, bool) or not isinstance(qk_bytes, int) or qk_bytes < 0:
+        raise AttnScopeError(f"qk_bytes={qk_bytes!r}: give a whole number of bytes, at least 0")
+    qk_left, qk_missing = qk_bytes, []
     wanted = None if full_heads is None else _full_heads(attn, full_heads)
     shown = {name: attn.display(name) for name in attn.names}
     tensors = {name: displayed.weights for name, displayed in shown.items()}
@@ -254,6 +269,15 @@ def page_data(
         }
         if exact:
             entry["exact"] = [_b64(single[h].contiguous().numpy().tobytes()) for h in range(heads)]
+        for axis, labels in (("qwords", entry["qlabels"]), ("kwords", entry["klabels"])):
+            words = word_entry(labels)  # type: ignore[arg-type]
+            if words is not None:
+                entry[axis] = words
+        qk, cost, missing = query_keys(attn, name, batch, qk_left)
+        if qk is not None:
+            entry["qk"], qk_left = qk, qk_left - cost
+        elif missing:
+            qk_missing.append(missing)
         maps.append(entry)
     note = ""
     if not fits:
@@ -271,6 +295,10 @@ def page_data(
                 "Called several times, not incremental decoding; "
                 f"showing the last call ({'; '.join(repeated)}).",
             ]
+        )
+    if qk_missing:
+        note = " ".join(
+            [*([note] if note else []), "No query/key view for " + "; ".join(qk_missing) + "."]
         )
     return {"version": 1, "batch": batch, "maps": maps, "note": note, "exact": exact}
 

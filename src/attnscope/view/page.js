@@ -1,15 +1,16 @@
 /* attnscope page: head view, model view and matrix view of one capture.
  * No network, no framework. Every string from the data (module names, kinds, tokens, the
  * title, table cells) is set with textContent or a DOM property, never as markup. */
-function attnscopeRender(rootId) {
+function attnscopeRender(rootId, given) {
   "use strict";
+  // `given`: the data object itself (the live explorer); else the page's JSON block
   var root = document.getElementById(rootId);
-  var data = JSON.parse(document.getElementById(rootId + "-data").textContent);
+  var data = given || JSON.parse(document.getElementById(rootId + "-data").textContent);
   var maps = data.maps;
   var COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                 "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
                 "#7b4173", "#3182bd"];
-  var state = { map: 0, head: 0, query: -1, visible: null };
+  var state = { map: 0, head: 0, query: -1, visible: null, words: false, qkQuery: 0 };
   var cache = {};
 
   function el(tag, cls, text) {
@@ -42,6 +43,43 @@ function attnscopeRender(rootId) {
     if (!(key in cache)) cache[key] = decode(maps[m].thumb.data[h]);
     return cache[key];
   }
+  function identity(n) {
+    var groups = [];
+    for (var i = 0; i < n; i++) groups.push([i]);
+    return groups;
+  }
+  function merging(m) { return state.words && !!(m.qwords || m.kwords); }
+  function axisLabels(m) {
+    if (!merging(m)) return { q: m.qlabels, k: m.klabels };
+    return { q: m.qwords ? m.qwords.labels : m.qlabels, k: m.kwords ? m.kwords.labels : m.klabels };
+  }
+  // What the views draw for head h of map mi: {u8 (0..255), f32 (exact values or null), rows,
+  // cols, pooled}. With "words" on, rows are averaged within a word and columns summed
+  // (AttentionMaps.merge_tokens' convention), from the embedded values.
+  function shown(mi, h) {
+    var m = maps[mi], values = weights(mi, h);
+    if (values === null) return { u8: thumb(mi, h), f32: null, rows: m.thumb.q, cols: m.thumb.k, pooled: true };
+    if (!merging(m)) return { u8: values, f32: null, rows: m.q, cols: m.k, pooled: false, exact: true };
+    var key = "w" + mi + ":" + h;
+    if (!(key in cache)) {
+      var qg = m.qwords ? m.qwords.groups : identity(m.q), kg = m.kwords ? m.kwords.groups : identity(m.k);
+      var out = new Float32Array(qg.length * kg.length), u8 = new Uint8Array(out.length);
+      for (var a = 0; a < qg.length; a++) {
+        for (var b = 0; b < kg.length; b++) {
+          var total = 0;
+          for (var r = 0; r < qg[a].length; r++) {
+            var row = qg[a][r] * m.k;
+            for (var c = 0; c < kg[b].length; c++) total += values[row + kg[b][c]];
+          }
+          var v = total / 255 / qg[a].length;
+          out[a * kg.length + b] = v;
+          u8[a * kg.length + b] = Math.min(255, Math.round(v * 255));
+        }
+      }
+      cache[key] = { u8: u8, f32: out, rows: qg.length, cols: kg.length, pooled: false };
+    }
+    return cache[key];
+  }
   function color(v) {  // v in 0..255 -> white to dark blue
     var t = v / 255;
     return [Math.round(255 - 225 * t), Math.round(255 - 160 * t), Math.round(255 - 75 * t)];
@@ -71,6 +109,15 @@ function attnscopeRender(rootId) {
   });
   layerLabel.appendChild(select);
   controls.appendChild(layerLabel);
+  var wordBox = null;
+  if (maps.some(function (m) { return m.qwords || m.kwords; })) {
+    var wordLabel = el("label", "attnscope-wordtoggle");
+    wordBox = el("input");
+    wordBox.type = "checkbox";
+    wordLabel.appendChild(wordBox);
+    wordLabel.appendChild(el("span", null, " words (sub-word tokens merged: rows averaged, columns summed)"));
+    controls.appendChild(wordLabel);
+  }
   var headBox = el("span", "attnscope-heads");
   controls.appendChild(headBox);
   root.appendChild(controls);
@@ -88,6 +135,12 @@ function attnscopeRender(rootId) {
   var matrixPanel = el("section", "attnscope-panel attnscope-matrixview");
   var matrixTitle = el("h3", null, "Matrix view");
   matrixPanel.appendChild(matrixTitle);
+  var exportBar = el("div", "attnscope-export");
+  var pngButton = el("button", "attnscope-export-png", "Export PNG");
+  var svgButton = el("button", "attnscope-export-svg", "Export SVG");
+  pngButton.type = "button"; svgButton.type = "button";
+  exportBar.appendChild(pngButton); exportBar.appendChild(svgButton);
+  matrixPanel.appendChild(exportBar);
   // A grid (page.css): key caption and key ticks above the matrix, query caption and query
   // ticks to its left; the box scrolls when a long sequence makes the matrix large.
   var plotBox = el("div", "attnscope-plotbox");
@@ -112,6 +165,19 @@ function attnscopeRender(rootId) {
 
   views.appendChild(headPanel); views.appendChild(matrixPanel);
   root.appendChild(views);
+  var qkPanel = el("section", "attnscope-panel attnscope-qkview");
+  var qkTitle = el("h3", null, "Query/key view");
+  var qkControls = el("div", "attnscope-controls");
+  var qkLabel = el("label", null, "Query ");
+  var qkSelect = el("select", "attnscope-qk-query");
+  qkLabel.appendChild(qkSelect); qkControls.appendChild(qkLabel);
+  var qkHelp = el("p", "attnscope-caption", "Per key: its k vector, the terms q\u2299k (each " +
+    "dimension's share of the score), their sum q\u00b7k (the score before the mask, scale " +
+    "included) and the weight. Rows: keys; the top row is q.");
+  var qkCanvas = el("canvas", "attnscope-qk-canvas");
+  var qkTable = el("table", "attnscope-table attnscope-qk-table");
+  [qkTitle, qkControls, qkHelp, qkCanvas, qkTable].forEach(function (n) { qkPanel.appendChild(n); });
+  root.appendChild(qkPanel);
   root.appendChild(modelPanel);
 
   if (data.table && data.table.length) {
@@ -150,6 +216,8 @@ function attnscopeRender(rootId) {
   });
 
   // -- head view ----------------------------------------------------------------------------
+  var LINES_ALL = 65536;  // cells of a head beyond which lines wait for a hovered token
+  function rowHeight(n) { return Math.max(6, Math.min(18, Math.floor(30000 / Math.max(1, n)))); }
   function buildHeads() {
     var m = maps[state.map];
     headBox.textContent = "";
@@ -169,39 +237,48 @@ function attnscopeRender(rootId) {
     }
   }
   function buildTokens() {
-    var m = maps[state.map];
+    var labels = axisLabels(maps[state.map]);
+    var height = rowHeight(Math.max(labels.q.length, labels.k.length)) + "px";
     left.textContent = ""; right.textContent = "";
-    m.qlabels.forEach(function (token, i) {
+    labels.q.forEach(function (token, i) {
       var node = el("div", "attnscope-token", token);
+      node.style.height = height; node.style.lineHeight = height;
       node.addEventListener("mouseenter", function () { state.query = i; drawLines(); });
       node.addEventListener("mouseleave", function () { state.query = -1; drawLines(); });
       left.appendChild(node);
     });
-    m.klabels.forEach(function (token) { right.appendChild(el("div", "attnscope-token", token)); });
+    labels.k.forEach(function (token) {
+      var node = el("div", "attnscope-token", token);
+      node.style.height = height; node.style.lineHeight = height;
+      right.appendChild(node);
+    });
   }
   function drawLines() {
-    var m = maps[state.map];
-    var rowHeight = 18, height = Math.max(m.q, m.k) * rowHeight, width = 160;
+    var m = maps[state.map], labels = axisLabels(m);
+    var rows = labels.q.length, cols = labels.k.length, step = rowHeight(Math.max(rows, cols));
+    var height = Math.max(rows, cols) * step, width = 160;
     lines.width = width; lines.height = height;
     lines.style.height = height + "px";
     var ctx = lines.getContext("2d");
     ctx.clearRect(0, 0, width, height);
-    var dense = m.q * m.k > 4096, threshold = dense ? 25 : 3;
+    var dense = rows * cols > 4096, threshold = dense ? 25 : 3;
+    if (rows * cols > LINES_ALL && state.query < 0) return;  // too many: hover a token
     for (var h = 0; h < m.heads; h++) {
       if (!state.visible[h]) continue;
-      var values = weights(state.map, h) || null;
-      if (values === null) continue;
+      var view = shown(state.map, h);
+      if (view.pooled) continue;
+      var values = view.u8;
       ctx.strokeStyle = COLORS[h % COLORS.length];
-      for (var i = 0; i < m.q; i++) {
+      for (var i = 0; i < rows; i++) {
         if (state.query >= 0 && i !== state.query) continue;
-        for (var j = 0; j < m.k; j++) {
-          var v = values[i * m.k + j];
+        for (var j = 0; j < cols; j++) {
+          var v = values[i * cols + j];
           if (v < threshold) continue;
           ctx.globalAlpha = Math.min(1, v / 255);
           ctx.lineWidth = 1.5;
           ctx.beginPath();
-          ctx.moveTo(0, i * rowHeight + rowHeight / 2);
-          ctx.lineTo(width, j * rowHeight + rowHeight / 2);
+          ctx.moveTo(0, i * step + step / 2);
+          ctx.lineTo(width, j * step + step / 2);
           ctx.stroke();
         }
       }
@@ -242,18 +319,19 @@ function attnscopeRender(rootId) {
     axis.dataset.step = String(step);
     return longest;
   }
+  function viewTitle() {
+    var m = maps[state.map], view = shown(state.map, state.head);
+    return m.name + ", head " + state.head + (merging(m) && !view.pooled ? " (words)" : "") +
+      (view.pooled ? " (pooled thumbnail: full resolution not embedded)" : "");
+  }
   function drawMatrix() {
-    var m = maps[state.map], values = weights(state.map, state.head);
-    matrixTitle.textContent = "Matrix view: " + m.name + ", head " + state.head +
-      (values === null ? " (pooled thumbnail: full resolution not embedded)" : "");
-    if (values === null) {
-      paint(matrix, thumb(state.map, state.head), m.thumb.q, m.thumb.k);
-    } else {
-      paint(matrix, values, m.q, m.k);
-    }
+    var m = maps[state.map], view = shown(state.map, state.head), labels = axisLabels(m);
+    matrixTitle.textContent = "Matrix view: " + viewTitle();
+    paint(matrix, view.u8, view.rows, view.cols);
     // Sized by tokens, not canvas pixels, so a pooled thumbnail shows as large as the full map.
-    var scale = Math.max(1, SIDE / Math.max(m.q, m.k));
-    var width = m.k * scale, height = m.q * scale;
+    var nq = labels.q.length, nk = labels.k.length;
+    var scale = Math.max(1, SIDE / Math.max(nq, nk));
+    var width = nk * scale, height = nq * scale;
     matrix.style.width = width + "px";
     matrix.style.height = height + "px";
     var cross = m.kind === "cross";
@@ -261,24 +339,29 @@ function attnscopeRender(rootId) {
     // vertical text turns the arrow with it: it points down the query axis
     queryCaption.textContent = "queries" + (cross ? " (target tokens)" : "") + " \u2192";
     xAxis.style.width = width + "px";
-    xAxis.style.height = (ticks(xAxis, m.klabels, width, true) + 1) + "ch";
+    xAxis.style.height = (ticks(xAxis, labels.k, width, true) + 1) + "ch";
     yAxis.style.height = height + "px";
-    yAxis.style.width = (ticks(yAxis, m.qlabels, height, false) + 1) + "ch";
+    yAxis.style.width = (ticks(yAxis, labels.q, height, false) + 1) + "ch";
+  }
+  function cellAt(event) {
+    var view = shown(state.map, state.head), rect = matrix.getBoundingClientRect();
+    var i = Math.floor((event.clientY - rect.top) / rect.height * view.rows);
+    var j = Math.floor((event.clientX - rect.left) / rect.width * view.cols);
+    return (i < 0 || j < 0 || i >= view.rows || j >= view.cols) ? null : [i, j, view];
   }
   matrix.addEventListener("mousemove", function (event) {
-    var m = maps[state.map], rect = matrix.getBoundingClientRect();
-    var values = weights(state.map, state.head);
-    var rows = values === null ? m.thumb.q : m.q, cols = values === null ? m.thumb.k : m.k;
-    var i = Math.floor((event.clientY - rect.top) / rect.height * rows);
-    var j = Math.floor((event.clientX - rect.left) / rect.width * cols);
-    if (i < 0 || j < 0 || i >= rows || j >= cols) { tooltip.style.display = "none"; return; }
-    var text;
-    if (values === null) {
+    var m = maps[state.map], cell = cellAt(event), labels = axisLabels(m);
+    if (cell === null) { tooltip.style.display = "none"; return; }
+    var i = cell[0], j = cell[1], view = cell[2], text;
+    if (view.pooled) {
       text = "pooled cell " + i + ", " + j;
     } else {
-      var x = exact(state.map, state.head, i, j);
-      var shown = x === null ? "≈" + (values[i * m.k + j] / 255).toFixed(3) : x.toFixed(4);
-      text = "query " + i + " " + m.qlabels[i] + " → key " + j + " " + m.klabels[j] + ": " + shown;
+      var x = view.f32 ? view.f32[i * view.cols + j] : exact(state.map, state.head, i, j);
+      var shownValue = x === null ? "\u2248" + (view.u8[i * view.cols + j] / 255).toFixed(3)
+        : (view.f32 ? "\u2248" + x.toFixed(3) : x.toFixed(4));
+      var unit = view.f32 ? "word " : "";
+      text = "query " + unit + i + " " + labels.q[i] + " \u2192 key " + unit + j + " " +
+        labels.k[j] + ": " + shownValue;
     }
     tooltip.textContent = text;
     tooltip.style.display = "block";
@@ -287,6 +370,176 @@ function attnscopeRender(rootId) {
     tooltip.style.top = (event.clientY - box.top + 12) + "px";
   });
   matrix.addEventListener("mouseleave", function () { tooltip.style.display = "none"; });
+  matrix.addEventListener("click", function (event) {  // a row opens in the query/key view
+    var cell = cellAt(event);
+    if (cell !== null && !cell[2].pooled && !merging(maps[state.map]) && maps[state.map].qk) {
+      state.qkQuery = cell[0]; qkSelect.value = String(cell[0]); drawQK();
+    }
+  });
+
+  // -- query/key view (lazy captures) -------------------------------------------------------
+  function floats(key, b64) {
+    if (!(key in cache)) cache[key] = new Float32Array(decode(b64).buffer);
+    return cache[key];
+  }
+  function diverging(v, peak) {  // -peak..peak -> blue, white, red
+    var t = Math.max(-1, Math.min(1, v / (peak || 1)));
+    return t >= 0 ? [255, Math.round(255 - 200 * t), Math.round(255 - 200 * t)]
+      : [Math.round(255 + 200 * t), Math.round(255 + 200 * t), 255];
+  }
+  function buildQK() {
+    var m = maps[state.map];
+    qkPanel.style.display = m.qk ? "" : "none";
+    if (!m.qk) return;
+    qkSelect.textContent = "";
+    m.qlabels.forEach(function (token, i) {
+      var option = el("option", null, i + ": " + token);
+      option.value = String(i);
+      qkSelect.appendChild(option);
+    });
+    state.qkQuery = Math.min(state.qkQuery, m.q - 1);
+    qkSelect.value = String(state.qkQuery);
+  }
+  function qkTerms() {  // {q, k(j), terms(j), score(j)} of the chosen head and query
+    var m = maps[state.map], d = m.qk.dim, i = state.qkQuery, h = state.head;
+    var qs = floats("q" + state.map + ":" + h, m.qk.q[h]), ks = floats("k" + state.map + ":" + h, m.qk.k[h]);
+    var q = qs.subarray(i * d, (i + 1) * d), scores = new Float64Array(m.k);
+    for (var j = 0; j < m.k; j++) {
+      var total = 0;
+      for (var c = 0; c < d; c++) total += q[c] * ks[j * d + c];
+      scores[j] = total;
+    }
+    return { q: q, ks: ks, d: d, scores: scores };
+  }
+  function drawQK() {
+    var m = maps[state.map];
+    if (!m.qk) return;
+    var t = qkTerms(), i = state.qkQuery, d = t.d, values = weights(state.map, state.head);
+    qkTitle.textContent = "Query/key view: " + m.name + ", head " + state.head + ", query " + i +
+      " " + m.qlabels[i];
+    var cell = m.k > 128 ? 2 : 8, gap = 6, width = (2 * d) * cell + gap, height = (m.k + 1) * cell + gap;
+    qkCanvas.width = width; qkCanvas.height = height;
+    var ctx = qkCanvas.getContext("2d"), peakK = 0, peakT = 0;
+    for (var n = 0; n < m.k * d; n++) {
+      peakK = Math.max(peakK, Math.abs(t.ks[n]));
+      peakT = Math.max(peakT, Math.abs(t.ks[n] * t.q[n % d]));
+    }
+    for (var c = 0; c < d; c++) peakK = Math.max(peakK, Math.abs(t.q[c]));
+    function fill(x, y, rgb) { ctx.fillStyle = "rgb(" + rgb.join(",") + ")"; ctx.fillRect(x, y, cell, cell); }
+    for (c = 0; c < d; c++) fill(c * cell, 0, diverging(t.q[c], peakK));
+    for (var j = 0; j < m.k; j++) {
+      var y = (j + 1) * cell + gap;
+      for (c = 0; c < d; c++) {
+        var kv = t.ks[j * d + c];
+        fill(c * cell, y, diverging(kv, peakK));
+        fill((d + c) * cell + gap, y, diverging(kv * t.q[c], peakT));
+      }
+    }
+    qkTable.textContent = "";
+    var header = el("tr");
+    ["key", "token", "q\u00b7k", "weight"].forEach(function (c) { header.appendChild(el("th", null, c)); });
+    qkTable.appendChild(header);
+    for (j = 0; j < Math.min(m.k, 512); j++) {
+      var line = el("tr", "attnscope-qk-row");
+      var x = exact(state.map, state.head, i, j);
+      var w = x !== null ? x : (values === null ? NaN : values[i * m.k + j] / 255);
+      line.appendChild(el("td", null, String(j)));
+      line.appendChild(el("td", null, m.klabels[j]));
+      line.appendChild(el("td", "attnscope-qk-score", t.scores[j].toFixed(4)));
+      line.appendChild(el("td", "attnscope-qk-weight", isNaN(w) ? "" : w.toFixed(4)));
+      qkTable.appendChild(line);
+    }
+  }
+  qkSelect.addEventListener("change", function () { state.qkQuery = Number(qkSelect.value); drawQK(); });
+
+  // -- export: the matrix view as SVG (built from its data) and PNG (drawn on a canvas) -----
+  function exportLayout() {
+    var m = maps[state.map], view = shown(state.map, state.head), labels = axisLabels(m);
+    var nq = labels.q.length, nk = labels.k.length;
+    var cell = Math.max(1, Math.min(24, Math.floor(720 / Math.max(nq, nk))));
+    var chars = 1;
+    labels.q.concat(labels.k).forEach(function (l) { chars = Math.max(chars, Math.min(LABEL, l.length)); });
+    var margin = chars * 7 + 12, top = 24;
+    var qStep = tickStep(nq, nq * cell), kStep = tickStep(nk, nk * cell);
+    return { m: m, view: view, labels: labels, nq: nq, nk: nk, cell: cell, margin: margin, top: top,
+      qStep: qStep, kStep: kStep, width: margin + nk * cell + 8, height: top + margin + nq * cell + 8,
+      title: viewTitle() };
+  }
+  function cut(label) { return label.length > LABEL ? label.slice(0, LABEL - 1) + "\u2026" : label; }
+  function rgb(v) { return "rgb(" + color(v).join(",") + ")"; }
+  function buildSVG() {
+    var L = exportLayout(), NS = "http://www.w3.org/2000/svg", v = L.view;
+    var svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("xmlns", NS);
+    svg.setAttribute("width", String(L.width)); svg.setAttribute("height", String(L.height));
+    svg.setAttribute("font-family", "sans-serif"); svg.setAttribute("font-size", "11");
+    function node(tag, attrs, text) {
+      var n = document.createElementNS(NS, tag);
+      Object.keys(attrs).forEach(function (a) { n.setAttribute(a, String(attrs[a])); });
+      if (text !== undefined) n.textContent = text;  // text, never markup
+      svg.appendChild(n);
+      return n;
+    }
+    node("rect", { x: 0, y: 0, width: L.width, height: L.height, fill: "#fff" });
+    node("text", { x: 4, y: 14, "font-size": 12 }, L.title);
+    var x0 = L.margin, y0 = L.top + L.margin, w = L.nk * L.cell, h = L.nq * L.cell;
+    if (v.rows * v.cols <= 128 * 128) {
+      var cw = w / v.cols, ch = h / v.rows;
+      for (var i = 0; i < v.rows; i++) {
+        for (var j = 0; j < v.cols; j++) {
+          node("rect", { x: x0 + j * cw, y: y0 + i * ch, width: cw, height: ch, fill: rgb(v.u8[i * v.cols + j]) });
+        }
+      }
+    } else {  // too many cells for one element each: the painted matrix, embedded
+      paint(scratch, v.u8, v.rows, v.cols);
+      node("image", { x: x0, y: y0, width: w, height: h, href: scratch.toDataURL("image/png"),
+        preserveAspectRatio: "none", style: "image-rendering:pixelated" });
+    }
+    for (i = 0; i < L.nq; i += L.qStep) {
+      node("text", { x: x0 - 4, y: y0 + (i + 0.5) * L.cell + 4, "text-anchor": "end" }, cut(L.labels.q[i]));
+    }
+    for (j = 0; j < L.nk; j += L.kStep) {
+      var cx = x0 + (j + 0.5) * L.cell + 4;
+      node("text", { x: cx, y: y0 - 4, transform: "rotate(-90 " + cx + " " + (y0 - 4) + ")" }, cut(L.labels.k[j]));
+    }
+    return new XMLSerializer().serializeToString(svg);
+  }
+  var scratch = document.createElement("canvas");
+  function drawPNG() {
+    var L = exportLayout(), v = L.view, canvas = document.createElement("canvas");
+    canvas.width = L.width; canvas.height = L.height;
+    var ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, L.width, L.height);
+    ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.fillText(L.title, 4, 14);
+    var x0 = L.margin, y0 = L.top + L.margin;
+    paint(scratch, v.u8, v.rows, v.cols);
+    ctx.imageSmoothingEnabled = false;
+    ctx.drawImage(scratch, x0, y0, L.nk * L.cell, L.nq * L.cell);
+    ctx.font = "11px sans-serif"; ctx.textAlign = "right";
+    for (var i = 0; i < L.nq; i += L.qStep) ctx.fillText(cut(L.labels.q[i]), x0 - 4, y0 + (i + 0.5) * L.cell + 4);
+    ctx.textAlign = "left";
+    for (var j = 0; j < L.nk; j += L.kStep) {
+      ctx.save(); ctx.translate(x0 + (j + 0.5) * L.cell + 4, y0 - 4); ctx.rotate(-Math.PI / 2);
+      ctx.fillText(cut(L.labels.k[j]), 0, 0); ctx.restore();
+    }
+    return canvas;
+  }
+  function fileName(extension) {
+    var m = maps[state.map];
+    return ("attention-" + m.name + "-head" + state.head).replace(/[^A-Za-z0-9_.-]+/g, "_") + extension;
+  }
+  function download(blob, name) {
+    var url = URL.createObjectURL(blob), link = document.createElement("a");
+    link.href = url; link.download = name; link.style.display = "none";
+    document.body.appendChild(link); link.click(); link.remove();
+    setTimeout(function () { URL.revokeObjectURL(url); }, 10000);
+  }
+  svgButton.addEventListener("click", function () {
+    download(new Blob([buildSVG()], { type: "image/svg+xml" }), fileName(".svg"));
+  });
+  pngButton.addEventListener("click", function () {
+    drawPNG().toBlob(function (blob) { download(blob, fileName(".png")); }, "image/png");
+  });
 
   // -- wiring -------------------------------------------------------------------------------
   function choose(mapIndex, head) {
@@ -295,17 +548,24 @@ function attnscopeRender(rootId) {
     if (changedMap) {
       state.visible = [];
       for (var h = 0; h < maps[mapIndex].heads; h++) state.visible.push(true);
-      buildHeads(); buildTokens();
+      buildHeads(); buildTokens(); buildQK();
     }
     select.value = String(mapIndex);
     grid.querySelectorAll(".attnscope-thumb").forEach(function (c) {
       c.classList.toggle("attnscope-selected",
         Number(c.dataset.map) === mapIndex && Number(c.dataset.head) === head);
     });
-    drawLines(); drawMatrix();
+    drawLines(); drawMatrix(); drawQK();
     root.dataset.selected = maps[mapIndex].name + "#" + head;
   }
   select.addEventListener("change", function () { choose(Number(select.value), 0); });
+  if (wordBox) {
+    wordBox.addEventListener("change", function () {
+      state.words = wordBox.checked; state.query = -1;
+      buildTokens(); drawLines(); drawMatrix();
+      root.dataset.words = String(state.words);
+    });
+  }
   choose(0, 0);
   root.dataset.ready = "true";
 }
