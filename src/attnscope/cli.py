@@ -75,6 +75,13 @@ def _view(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .serve import serve
+
+    serve(args.model, host=args.host, port=args.port, token=args.token, max_tokens=args.max_tokens)
+    return 0
+
+
 def _max_bytes(max_mb: float) -> int:
     """``--max-mb`` as bytes: a positive, finite size (argparse's float also takes nan, inf)."""
     if not (math.isfinite(max_mb) and max_mb * 2**20 >= 1):
@@ -143,6 +150,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     show.add_argument("--force", action="store_true", help=FORCE_HELP)
     show.set_defaults(run=_view)
+
+    live = commands.add_parser(
+        "serve", help="a local web app: type a text and see every head (attnscope[serve])"
+    )
+    live.add_argument(
+        "model", nargs="?", default=None, help="local model folder (default: packaged MiniLM)"
+    )
+    live.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    live.add_argument("--port", type=int, default=8765, help="port (default: %(default)s)")
+    live.add_argument(
+        "--token",
+        default=None,
+        help="access token every request must carry (default: none on localhost, a fresh one "
+        "printed at start on any other address)",
+    )
+    live.add_argument(
+        "--max-tokens", type=int, default=None, help="longest input (default: the model's limit)"
+    )
+    live.set_defaults(run=_serve)
     return parser
 
 
