@@ -30,11 +30,11 @@ from .engine import Explorer, LengthError
 
 MAX_BODY = 256 * 1024
 COOKIE = "attnscope_token"
-ASSETS = {
+ASSETS = {  # all in attnscope/view, which the package data ships (view/*.js, view/*.css)
     "page.js": ("attnscope.view", "text/javascript"),
     "page.css": ("attnscope.view", "text/css"),
-    "serve.js": ("attnscope.serve", "text/javascript"),
-    "serve.css": ("attnscope.serve", "text/css"),
+    "serve.js": ("attnscope.view", "text/javascript"),
+    "serve.css": ("attnscope.view", "text/css"),
 }
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
