@@ -21,7 +21,6 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from .analysis import row_entropy
 from .errors import AttnScopeError
 from .maps import AttentionMaps
 
@@ -105,37 +104,91 @@ def _stats(weights: Tensor, kind: str) -> list[dict[str, object]]:
     if not bool(valid.any()):
         raise AttnScopeError("every query row is empty (all padding): nothing to measure")
     key_valid = weights.sum(dim=(1, 2)) > 0  # keys anyone attends to
-    q = torch.arange(queries).view(queries, 1).float()
-    k = torch.arange(keys).view(1, keys).float()
-    distance_matrix = (q - k).abs()
-    entropy = row_entropy(weights)  # (b, h, q)
-    distance = (weights * distance_matrix).sum(-1)
-    first = weights[..., 0]
-    previous = torch.zeros_like(first)
-    previous[..., 1:] = torch.diagonal(weights[..., 1:, :], dim1=-2, dim2=-1)[..., : queries - 1]
-    self_share = torch.zeros_like(first)
-    size = min(queries, keys)
-    self_share[..., :size] = torch.diagonal(weights, dim1=-2, dim2=-1)[..., :size]
+    per_row = row_statistics(weights)  # positions of the padded frame, as the map lays them
     mask = valid.unsqueeze(1).expand(batch, heads, queries)
     counts = mask.sum(dim=(0, 2)).clamp_min(1).float()
-
-    def mean(values: Tensor) -> Tensor:
-        return (values * mask).sum(dim=(0, 2)) / counts
-
+    means = {s: ((v.float() * mask).sum(dim=(0, 2)) / counts) for s, v in per_row.items()}
     uniform = torch.log(key_valid.sum(-1).clamp_min(1).float()).mean()
     results = []
     for head in range(heads):
-        row: dict[str, object] = {
-            "entropy": float(mean(entropy)[head]),
-            "distance": float(mean(distance)[head]),
-            "first": float(mean(first)[head]),
-            "previous": float(mean(previous)[head]) if queries > 1 else 0.0,
-            "self": float(mean(self_share)[head]),
-        }
+        row: dict[str, object] = {s: float(means[s][head]) for s in STATISTICS}
         monotonic = kind == "cross" and _monotonic(weights[:, head], valid)
         row["role"] = _role(row, float(uniform), monotonic)
         results.append(row)
     return results
+
+
+STATISTICS = ("entropy", "distance", "first", "previous", "self")
+
+
+def row_statistics(
+    weights: Tensor, query_mask: Tensor | None = None, key_mask: Tensor | None = None
+) -> dict[str, Tensor]:
+    """Each query row's statistics, ``{name: (batch, heads, query)}`` for ``STATISTICS``.
+
+    Positions are counted over the valid tokens only (``query_mask`` (batch, query) and
+    ``key_mask`` (batch, key), True where a token is real; None: all are), so padding on
+    either side changes nothing: query ``i`` and key ``j`` at valid positions ``p(i)``,
+    ``p(j)`` are ``|p(i) - p(j)|`` apart; ``first`` is the weight on the key at position 0
+    (the attention sink's share), ``self`` on the key at ``p(i)``, ``previous`` on the key at
+    ``p(i) - 1``: 0 for the row at position 0, which has no previous token, and 0 where no key
+    sits at that position (cross-attention over fewer keys). ``entropy`` is in nats. Rows of
+    padded queries come out as numbers too; the caller leaves them out. Computed in the
+    weights' dtype (float16 and bfloat16 in float32): nothing is kept beyond the call.
+
+    >>> w = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]]])
+    >>> {k: v[0, 0].tolist() for k, v in row_statistics(w).items()}["previous"]
+    [0.0, 0.5, 1.0]
+    >>> left = torch.nn.functional.pad(w, (1, 0, 1, 0))  # one pad token in front
+    >>> pad = torch.tensor([[False, True, True, True]])
+    >>> row_statistics(left, pad, pad)["distance"][0, 0, 1:].tolist()
+    [0.0, 0.5, 1.0]
+    """
+    if weights.dtype not in (torch.float32, torch.float64):
+        weights = weights.float()
+    batch, _, queries, keys = weights.shape
+    device = weights.device
+    query_pos = _positions(query_mask, batch, queries, device)  # (batch, query)
+    key_pos = _positions(key_mask, batch, keys, device)  # (batch, key)
+    # key index of each valid position, per batch item (keys past the last: index `keys`)
+    key_at = torch.full((batch, keys + 1), keys, dtype=torch.long, device=device)
+    valid_key = key_pos >= 0
+    key_index = torch.arange(keys, device=device).expand(batch, keys)
+    key_at.scatter_(1, torch.where(valid_key, key_pos, keys), key_index)
+    key_at[:, keys] = keys
+
+    log = torch.log(weights.clamp_min(torch.finfo(weights.dtype).tiny))  # 0 log 0 = 0
+    entropy = -log.mul_(weights).sum(dim=-1)
+    del log
+    apart = (query_pos.unsqueeze(-1) - key_pos.unsqueeze(-2)).abs().to(weights.dtype)
+    if bool((apart == apart[:1]).all()):  # the same layout for every item: one matrix
+        distance = torch.einsum("bhqk,qk->bhq", weights, apart[0])
+    else:
+        distance = torch.einsum("bhqk,bqk->bhq", weights, apart)
+    padded = torch.nn.functional.pad(weights, (0, 1))  # key `keys`: the zero weight of none
+
+    def share(position: Tensor) -> Tensor:  # (batch, query) valid positions -> weights there
+        index = key_at.gather(1, position.clamp(0, keys)).masked_fill(position < 0, keys)
+        index = index.masked_fill(query_pos < 0, keys)
+        shape = (batch, weights.size(1), queries, 1)
+        return padded.gather(-1, index[:, None, :, None].expand(shape)).squeeze(-1)
+
+    zeros = torch.zeros_like(query_pos)
+    return {
+        "entropy": entropy,
+        "distance": distance,
+        "first": share(zeros),
+        "previous": share(query_pos - 1),
+        "self": share(query_pos),
+    }
+
+
+def _positions(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:
+    """Position of each token among the valid ones, -1 for padding: (batch, length)."""
+    if mask is None:
+        return torch.arange(length, device=device).expand(batch, length)
+    mask = mask.to(device=device, dtype=torch.bool)
+    return torch.where(mask, mask.long().cumsum(-1) - 1, -1)
 
 
 def _monotonic(weights: Tensor, valid: Tensor) -> bool:
