@@ -99,7 +99,7 @@ def head_stats(attn: AttentionMaps) -> HeadTable:
 
 
 def _stats(weights: Tensor, kind: str) -> list[dict[str, object]]:
-    batch, heads, queries, keys = weights.shape
+    batch, heads, queries, _ = weights.shape
     valid = weights.sum(dim=-1).amax(dim=1) > 0.5  # (batch, query): not padding
     if not bool(valid.any()):
         raise AttnScopeError("every query row is empty (all padding): nothing to measure")
