@@ -59,7 +59,7 @@ class Explorer:
             ).eval()
         self.tokenizer, self.model = tokenizer, loaded
         self.max_tokens = _limit(tokenizer, loaded, max_tokens)
-        self.name = Path(self.model_path).name
+        self.name = "all-MiniLM-L6-v2" if model is None else Path(self.model_path).name
         self._lock = threading.Lock()
 
     def describe(self) -> dict[str, object]:
