@@ -169,6 +169,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tokens", type=int, default=None, help="longest input (default: the model's limit)"
     )
     live.set_defaults(run=_serve)
+
+    from .scan.cli import add_parser as add_scan
+
+    add_scan(commands)
     return parser
 
 
