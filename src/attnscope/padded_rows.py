@@ -95,13 +95,10 @@ def blank_rows_(
 def _blank(
     hidden: Tensor | None, padded_queries: Tensor | None, rows: Tensor | None
 ) -> Tensor | None:
-    """The rows to zero, broadcasting to (batch, heads, query, 1), or None when none are."""
+    """The rows to zero, broadcasting to the weights (..., query, 1), or None when none are."""
     blank: Tensor | None = None
     if hidden is not None:
-        blank = hidden.all(dim=-1)  # (..., query): every key hidden
-        while blank.dim() < 3:
-            blank = blank.unsqueeze(0)
-        blank = blank[..., None]
+        blank = hidden.all(dim=-1, keepdim=True)  # (..., query, 1): every key hidden
     if padded_queries is not None:
         picked = padded_queries if rows is None else padded_queries[:, rows]
         padded = picked[:, None, :, None]

@@ -1,29 +1,32 @@
-"""Warm memory for the tensors a lazy capture keeps.
+"""Warm memory for the tensors a capture keeps: the weights a recompute writes, the queries,
+keys and masks a lazy capture copies.
 
 Design note
 -----------
-A lazy capture keeps O(L) per call (the kernel's queries and keys) while the model runs on.
-Taken from the C allocator, that memory is often new to the process: the capture holds it
-while the model's temporaries come and go, so the heap grows, and when the capture is dropped
-the allocator may hand the pages back to the system. Then each page is faulted in and zeroed
-again by the next capture (measured on a BERT-base-shaped encoder, batch 1, 512 tokens: from
-a few to 12k page faults per lazily captured forward, none for the plain forward; writing
-3 MB into fresh pages took 1.0 ms, into pages already touched 0.17 ms).
+A capture keeps what it computes while the model runs on. Memory that large comes from the
+C allocator as fresh pages (glibc maps every request above its threshold anew), and is given
+back to the system when the tensor dies; the next capture faults each page in and zeroes it
+again. On two CPU cores that costs more than computing the weights: BERT-base at 512 tokens,
+batch 1, writing q·kᵀ into fresh memory took 7.1 ms a layer, of which the matmul was 1.2-1.8
+ms. A lazy capture's copies did the same on a smaller scale (3 MB into fresh pages 1.0 ms,
+into pages already touched 0.17 ms), and holding the model's own activations instead pushed
+its temporaries onto fresh pages too.
 
-So a lazy capture cuts what it keeps from blocks of this pool, and a block comes back when
-every tensor cut from it is gone (each carries one shared token, which a
-``weakref.finalize`` watches; a tensor that C++ still references keeps its Python object,
-and so the token). A loop of captures, one per batch, then writes into warm pages. These
-tensors never leave attnscope (``LazyWeights`` computes fresh weights from them), and a view
-of one (a mask reshaped for the recompute) is only used while the tensor itself is held, so
-no view of a block outlives its token. The pool keeps at most ``LIMIT`` bytes of free
-blocks, the oldest making room for newer ones; ``release()`` hands them all back to the
-allocator.
+So a capture cuts what it keeps from blocks of this pool: each block is an anonymous memory
+mapping (below ``MAPPED`` bytes a ``bytearray`` on the heap); a request gets a tensor over a
+fresh ``memoryview`` of one (``torch.frombuffer``), and the tensor's storage is then the only
+holder of that view. When the last tensor sharing that storage dies, whichever view, slice or
+``detach()`` it was, the storage releases the view, a ``weakref.finalize`` on it fires and
+the block comes back. A loop of captures, one per batch, then writes into warm pages. Free
+blocks are kept up to ``LIMIT`` bytes, the oldest making room for newer ones; ``release()``
+hands them all back to the system. Nothing global changes: this is memory the pool owns, and
+only tensors attnscope creates live in it.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import threading
 import weakref
 from collections import deque
@@ -32,42 +35,51 @@ from queue import Empty, SimpleQueue
 import torch
 from torch import Tensor
 
-LIMIT = 256 << 20
+LIMIT = 1 << 30
+"""Bytes of free blocks kept for the next capture: a BERT-base capture at 512 tokens keeps
+151 MB of weights at batch 1 and 1.2 GB at batch 8."""
 ALIGN = 64  # bytes: every piece of a block starts on a cache line
+MAPPED = 1 << 20  # bytes: blocks from this size on are memory mappings of their own
+
+Block = bytearray | mmap.mmap
 
 _lock = threading.Lock()
-_free: dict[int, list[Tensor]] = {}  # uint8 CPU blocks no tensor uses, by size
+_free: dict[int, list[Block]] = {}  # blocks no tensor uses, by size
 _order: deque[int] = deque()  # the sizes of the free blocks, oldest first
 _free_total = 0
+_lent: dict[int, int] = {}  # address -> size of the blocks tensors use now
 # Blocks come back from weakref callbacks, which the garbage collector may run on a thread
 # that holds ``_lock`` already: they only queue (no lock), and the queue is drained under it.
-_returned: SimpleQueue[Tensor] = SimpleQueue()
+_returned: SimpleQueue[tuple[Block, int]] = SimpleQueue()
 
 
 def empty(*layouts: tuple[tuple[int, ...], torch.dtype]) -> tuple[Tensor, ...]:
     """Empty contiguous CPU tensors of the given (shape, dtype), cut from one pooled block
-    that returns to the pool when all of them are gone (each starts ``ALIGN``-aligned).
+    that returns to the pool when every tensor sharing its memory is gone (each piece starts
+    ``ALIGN``-aligned).
 
     >>> x, mask = empty(((2, 3), torch.float32), ((3,), torch.bool))
-    >>> x.shape, mask.dtype
-    (torch.Size([2, 3]), torch.bool)
+    >>> x.shape, mask.dtype, owns(x), owns(torch.ones(1))
+    (torch.Size([2, 3]), torch.bool, True, False)
     """
     offsets, end = [], 0
     for shape, dtype in layouts:
         start = -(-end // ALIGN) * ALIGN
         offsets.append(start)
         end = start + math.prod(shape) * dtype.itemsize
-    block = _take(end)
-    pieces = tuple(
-        block[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
+    block = _take(max(end, 1))
+    view = memoryview(block)
+    flat = torch.frombuffer(view, dtype=torch.uint8, count=max(end, 1))
+    address = flat.data_ptr()
+    # the storage holds the view now, and only it: the view dies with the last tensor
+    weakref.finalize(view, _returned.put, (block, address)).atexit = False
+    del view
+    with _lock:
+        _lent[address] = len(block)
+    return tuple(
+        flat[start : start + math.prod(shape) * dtype.itemsize].view(dtype).view(shape)
         for start, (shape, dtype) in zip(offsets, layouts, strict=True)
     )
-    # every piece carries the same token: it dies, and the block comes back, with the last
-    token = _Token()
-    for piece in pieces:
-        piece._attnscope_pool_token = token  # type: ignore[attr-defined]
-    weakref.finalize(token, _returned.put, block).atexit = False
-    return pieces
 
 
 def copies(*tensors: Tensor) -> tuple[Tensor, ...]:
@@ -89,11 +101,19 @@ def copies(*tensors: Tensor) -> tuple[Tensor, ...]:
     owned = []
     for piece, tensor, (dense, order) in zip(pieces, tensors, layouts, strict=True):
         piece.copy_(dense.detach())
-        view = piece.permute([order.index(dim) for dim in range(len(order))]).expand(tensor.shape)
-        # the view, not the piece, is what the caller keeps: it carries the block's token
-        view._attnscope_pool_token = piece._attnscope_pool_token  # type: ignore[attr-defined]
-        owned.append(view)
+        owned.append(
+            piece.permute([order.index(dim) for dim in range(len(order))]).expand(tensor.shape)
+        )
     return tuple(owned)
+
+
+def owns(tensor: Tensor) -> bool:
+    """Whether ``tensor`` lives in a block of this pool (a copy made already)."""
+    if tensor.device.type != "cpu":
+        return False
+    with _lock:
+        _drain()
+        return tensor.untyped_storage().data_ptr() in _lent
 
 
 def _dense_layout(t: Tensor) -> tuple[Tensor, list[int]]:
@@ -109,26 +129,24 @@ def _dense_layout(t: Tensor) -> tuple[Tensor, list[int]]:
     return base.permute(order), order
 
 
-class _Token:
-    """Lives as long as the longest-lived tensor cut from one block."""
-
-
 def _drain() -> None:
     """File the returned blocks, the oldest free ones making room (under ``_lock``)."""
     global _free_total
     while True:
         try:
-            block = _returned.get_nowait()
+            block, address = _returned.get_nowait()
         except Empty:
             return
-        size = block.numel()
+        _lent.pop(address, None)
+        size = len(block)
         if size > LIMIT:
+            _close(block)
             continue
         while _free_total + size > LIMIT and _order:
             oldest = _order.popleft()
             blocks = _free.get(oldest)
             if blocks:
-                blocks.pop(0)
+                _close(blocks.pop(0))
                 _free_total -= oldest
             if not blocks:
                 _free.pop(oldest, None)
@@ -137,7 +155,7 @@ def _drain() -> None:
         _free_total += size
 
 
-def _take(size: int) -> Tensor:
+def _take(size: int) -> Block:
     """The smallest free block of at least ``size`` bytes (and not a quarter more), or a new
     one."""
     global _free_total
@@ -156,10 +174,16 @@ def _take(size: int) -> Tensor:
             if best in _order:
                 _order.remove(best)
             return block
-    # a normal tensor even under inference_mode: a block made there would be an inference
-    # tensor, which no capture outside inference_mode could write into when it is reused
-    with torch.inference_mode(False):
-        return torch.empty(max(size, 1), dtype=torch.uint8, device="cpu")
+    if size < MAPPED:
+        return bytearray(size)
+    if hasattr(mmap, "MAP_ANONYMOUS"):  # private pages: nothing shared, nothing on disk
+        return mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    return mmap.mmap(-1, size)
+
+
+def _close(block: Block) -> None:
+    if isinstance(block, mmap.mmap):
+        block.close()  # unmapped now, not when the garbage collector gets to it
 
 
 def free_bytes() -> int:
@@ -170,10 +194,13 @@ def free_bytes() -> int:
 
 
 def release() -> None:
-    """Give every free block back to the allocator."""
+    """Give every free block back to the system."""
     global _free_total
     with _lock:
         _drain()
+        for blocks in _free.values():
+            for block in blocks:
+                _close(block)
         _free.clear()
         _order.clear()
         _free_total = 0

@@ -6,18 +6,23 @@ are ``softmax((q · scale) kᵀ + mask)``. The query is scaled *before* the matm
 weights to the last bit or within a few ulps.
 
 Rows that carry no information (every key masked) come out as zeros, never NaN.
+Where the time goes (BERT-base, 512 tokens, 2 cores): the q·kᵀ matmul and the softmax are the
+floor; writing into fresh pages cost more than both until the weights went to pooled memory,
+and each extra pass over a (batch, heads, L, L) map (a float mask built and added,
+``nan_to_num``, an out-of-place zeroing) costs about what the softmax does. So a causal call
+hides its keys with one cached bool mask, and blocked rows are found from the mask, not by a
+pass over the weights. ``benchmarks/perf.py`` measures each.
 """
 
 from __future__ import annotations
 
-import ctypes
-import math
-import mmap
-import sys
-from typing import Any
+import functools
 
 import torch
 from torch import Tensor
+
+from . import pool
+from .padded_rows import blank_rows_
 
 # PyTorch's softmax itself, bound at import: a capture stands in front of ``torch.softmax`` to
 # see hand-written attention (``adapters.softmax``), and must not see its own recompute
@@ -47,21 +52,37 @@ def causal_additive_mask(
     query_len: int, key_len: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
     """``-inf`` above the diagonal (top-left aligned, as ``scaled_dot_product_attention``)."""
-    keep = torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril()
     return torch.zeros(query_len, key_len, dtype=dtype, device=device).masked_fill_(
-        ~keep, float("-inf")
+        causal_hidden(query_len, key_len, device), float("-inf")
     )
+
+
+@functools.lru_cache(maxsize=32)
+def causal_hidden(query_len: int, key_len: int, device: torch.device) -> Tensor:
+    """(query, key) bool, True above the diagonal: the keys a causal call hides (top-left
+    aligned, as ``scaled_dot_product_attention``). Cached: every layer of a forward, and every
+    forward of the same length, asks for the same one; callers never change it.
+
+    >>> causal_hidden(2, 3, torch.device("cpu"))
+    tensor([[False,  True,  True],
+            [False, False,  True]])
+    """
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).triu_(1)
 
 
 def softmax_weights(
     q: Tensor, k: Tensor, scale: float, mask: Tensor | None, hidden: Tensor | None = None
 ) -> Tensor:
-    """Per-head attention weights ``softmax((q · scale) kᵀ + mask)``, NaN rows as zeros.
+    """Per-head attention weights ``softmax((q · scale) kᵀ + mask)``, blocked rows as zeros.
 
     ``q`` is (..., query, dim), ``k`` is (..., key, dim) and ``mask`` an additive float mask
-    that broadcasts to (..., query, key). ``hidden`` (bool, broadcasting the same way) is the
-    native kernel's way instead: a hidden key's score is replaced, not added to, so it counts
-    for nothing even where it is NaN (PyTorch's slow path adds ``-inf`` and gets NaN).
+    that broadcasts to (..., query, key). ``hidden`` (bool, broadcasting the same way) hides
+    keys the way the kernels do: a hidden key's score is replaced by ``-inf``, not added to,
+    so it counts for nothing even where it is NaN (PyTorch's slow path adds ``-inf`` and gets
+    NaN). A row whose every key is hidden or ``-inf`` comes out as zeros (``padded_rows``).
+
+    On the CPU the weights are computed in place in pooled memory (``attnscope.pool``): the
+    scores, the softmax and the zeroed rows are one buffer, which a capture then keeps.
 
     >>> q = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])
     >>> softmax_weights(q, q, 1.0, None).sum(-1)
@@ -69,72 +90,34 @@ def softmax_weights(
     >>> blocked = torch.tensor([[0.0, 0.0], [float("-inf"), float("-inf")]])
     >>> softmax_weights(q, q, 1.0, blocked)[0, 1]
     tensor([0., 0.])
+    >>> softmax_weights(q, q, 1.0, None, causal_hidden(2, 2, q.device))[0]
+    tensor([[1.0000, 0.0000],
+            [0.2689, 0.7311]])
     """
-    if _autocast(q):  # autocast chooses the matmul's dtype: let it allocate
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))
-    else:
+    dtype = torch.result_type(q, k)
+    in_place = q.device.type == "cpu" and not _autocast(q) and dtype in _IN_PLACE
+    if in_place:
         shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.size(-2), k.size(-2))
-        buffer = weights_buffer(shape, torch.result_type(q, k), q.device)
+        (buffer,) = pool.empty((shape, dtype))
         scores = torch.matmul(q * scale, k.transpose(-2, -1), out=buffer)
+    else:  # autocast chooses the matmul's dtype (and a GPU has its own caching allocator)
+        scores = torch.matmul(q * scale, k.transpose(-2, -1))
     if mask is not None:
         scores.add_(mask.to(scores.dtype))
     if hidden is not None:
         scores.masked_fill_(hidden, float("-inf"))
-    # In place where the dtype allows: a fresh (batch, heads, L, L) buffer costs more in page
-    # faults than the softmax itself (measured: 21 ms vs 10 ms at 8x8x512x512 on 2 cores).
-    if scores.dtype in (torch.float32, torch.float64) and not _autocast(scores):
+    if in_place and scores.dtype == dtype:
         weights = _softmax(scores, dim=-1, out=scores)
     else:
         weights = _softmax(scores, dim=-1)
-    masked = mask is not None or hidden is not None
-    return torch.nan_to_num_(weights, nan=0.0) if masked else weights
+    blocked = hidden
+    if mask is not None and mask.is_floating_point():
+        at_minus_inf = mask == float("-inf")
+        blocked = at_minus_inf if blocked is None else blocked | at_minus_inf
+    return blank_rows_(weights, blocked)
 
 
-_HUGE_PAGE = 2 << 20
-_MADV_HUGEPAGE = 14
-
-
-def _load_madvise() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        madvise = libc.madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return madvise
-
-
-_madvise = _load_madvise()
-
-
-def weights_buffer(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An empty tensor for weights; large CPU ones get their own huge-page-backed mapping.
-
-    A capture keeps every map it computes, so each needs fresh memory. From ``torch.empty``
-    (the C heap) it comes in 4 KiB pages and, held while the model runs, pushes the model's own
-    temporaries onto fresh pages too (measured on BERT-base at 512 tokens, batch 1: 37k page
-    faults per captured forward instead of 3k). A private anonymous mapping per buffer, with
-    ``madvise(MADV_HUGEPAGE)`` on its aligned 2 MiB blocks before first touch, is faulted in
-    2 MiB pages and given back whole when the tensor dies (6k faults, capture 1.21x -> 1.19x
-    of the forward). This is advice about memory the tensor owns: nothing global changes.
-
-    >>> weights_buffer((2, 3), torch.float32, torch.device("cpu")).shape
-    torch.Size([2, 3])
-    """
-    count = math.prod(shape)
-    size = count * dtype.itemsize
-    if device.type != "cpu" or size < 2 * _HUGE_PAGE or _madvise is None:
-        return torch.empty(shape, dtype=dtype, device=device)
-    mapping = mmap.mmap(-1, size + _HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    base = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
-    start = -(-base // _HUGE_PAGE) * _HUGE_PAGE
-    _madvise(start, size, _MADV_HUGEPAGE)
-    # the tensor keeps the mapping alive (frombuffer holds the buffer); unmapped when it dies
-    flat = torch.frombuffer(mapping, dtype=dtype, count=count, offset=start - base)
-    return flat.view(shape)
+_IN_PLACE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _autocast(tensor: Tensor) -> bool:

@@ -151,7 +151,7 @@ def _owned_mask(
     every layer the same mask); a copy already made is returned as it is. An inference tensor
     gets a copy per call: without a version counter, a change in place cannot be told apart.
     """
-    if mask is None or hasattr(mask, "_attnscope_pool_token"):
+    if mask is None or pool.owns(mask):
         return mask
     shared = None if mask.is_inference() else copies
     key = (id(mask), as_bool)
