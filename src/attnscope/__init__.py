@@ -11,6 +11,7 @@ from .head_stats import head_stats
 from .layers import TransformerDecoderLayerWithAttn, TransformerEncoderLayerWithAttn
 from .maps import AttentionMaps, load
 from .plot import plot_head, plot_heads, plot_layers
+from .scan import scan  # pyarrow is imported when a table is built, not here
 from .view import AttentionPage, view
 
 __all__ = [
@@ -31,5 +32,6 @@ __all__ = [
     "plot_layers",
     "register_adapter",
     "rollout",
+    "scan",
     "view",
 ]
