@@ -32,6 +32,15 @@ function attnscopeRender(rootId, given) {
     }
     return cache[key];
   }
+  function row(m, h, i) {  // one row of a full map, decoding only its base64 span if need be
+    var key = m + ":" + h, cols = maps[m].k;
+    if (key in cache) return cache[key] === null ? null : cache[key].subarray(i * cols, (i + 1) * cols);
+    var b64 = maps[m].data[h];
+    if (b64 === null) return null;
+    var first = Math.floor(i * cols / 3), last = Math.ceil((i + 1) * cols / 3);
+    var bytes = decode(b64.slice(4 * first, 4 * last)), offset = i * cols - 3 * first;
+    return bytes.subarray(offset, offset + cols);
+  }
   function exact(m, h, i, j) {
     if (!data.exact) return null;
     var key = "x" + m + ":" + h;
@@ -262,17 +271,20 @@ function attnscopeRender(rootId, given) {
     var ctx = lines.getContext("2d");
     ctx.clearRect(0, 0, width, height);
     var dense = rows * cols > 4096, threshold = dense ? 25 : 3;
-    if (rows * cols > LINES_ALL && state.query < 0) return;  // too many: hover a token
+    var long = rows * cols > LINES_ALL;
+    if (long && state.query < 0) return;  // too many lines to read: they wait for a hovered token
     for (var h = 0; h < m.heads; h++) {
       if (!state.visible[h]) continue;
-      var view = shown(state.map, h);
-      if (view.pooled) continue;
-      var values = view.u8;
+      // a long token-level map reads just the hovered row, without decoding the whole head
+      var single = long && !merging(m), view = single ? null : shown(state.map, h);
+      if (single ? m.data[h] === null : view.pooled) continue;
+      var values = single ? row(state.map, h, state.query) : view.u8;
       ctx.strokeStyle = COLORS[h % COLORS.length];
       for (var i = 0; i < rows; i++) {
         if (state.query >= 0 && i !== state.query) continue;
+        var at = single ? 0 : i * cols;
         for (var j = 0; j < cols; j++) {
-          var v = values[i * cols + j];
+          var v = values[at + j];
           if (v < threshold) continue;
           ctx.globalAlpha = Math.min(1, v / 255);
           ctx.lineWidth = 1.5;
