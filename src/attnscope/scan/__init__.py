@@ -14,6 +14,8 @@ when a table is built.
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Iterable
 from typing import Any
 
@@ -48,8 +50,16 @@ def scan(
     ``empty`` (texts of only whitespace, skipped). ``include``/``exclude`` select modules as
     in ``attnscope.capture``.
 
-    >>> import torch, attnscope
-    >>> from tests_support_tiny import tiny_bert  # doctest: +SKIP
+    >>> import attnscope, transformers
+    >>> from attnscope.run import default_model_path
+    >>> folder = default_model_path()  # the packaged all-MiniLM-L6-v2
+    >>> model = transformers.AutoModel.from_pretrained(folder).eval()
+    >>> tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    >>> table = attnscope.scan(model, tokenizer, ["The cat sat on the mat.", "Hi"], batch_size=2)
+    >>> table.num_rows, table.column_names[:5]
+    (72, ['module', 'head', 'kind', 'count', 'entropy'])
+    >>> table.slice(0, 1).to_pylist()[0]["count"]  # 9 + 3 tokens: every valid query row
+    12
     """
     runner = ShardRunner(
         model,
@@ -78,3 +88,15 @@ def scan(
     from .tables import heads_table
 
     return heads_table(total.sums, total.counts())
+
+
+class _CallablePackage(types.ModuleType):
+    """``attnscope.scan`` is the function above, and this package shares its name: an importer
+    that binds the package over it (pytest's doctest collection does) must not break
+    ``attnscope.scan(model, tokenizer, texts)``, so the package calls the function too."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return scan(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallablePackage
