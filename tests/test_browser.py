@@ -360,3 +360,82 @@ def test_many_tokens_thin_the_tick_labels_so_they_stay_legible(
             assert float(after[low]) >= float(before[high]) - 0.5, (before, after)
         assert len(labels) > len(ticks) >= max(1, int(length // 40))
     assert opened.errors == []
+
+
+def lazy_encoder_capture() -> AttentionMaps:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    with torch.no_grad(), attnscope.capture(model, lazy=True) as attn:
+        model(torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1)))
+    return attn.with_tokens(["[CLS]", "un", "##believ", "##able", "day", "[SEP]"])
+
+
+def test_static_page_query_key_view_words_and_exports(browser: object, tmp_path: Path) -> None:
+    attn = lazy_encoder_capture()
+    opened = Opened(browser, attnscope.view(attn, element_id="aids").save(tmp_path / "aids.html"))
+    page = opened.page
+    # query/key view: a click on a matrix row chooses the query; the sums are q . k
+    page.click(".attnscope-thumb[data-map='1'][data-head='1']")
+    box = page.locator(".attnscope-matrix").bounding_box()
+    assert box is not None
+    page.mouse.click(box["x"] + 5, box["y"] + (3 + 0.5) * box["height"] / 6)
+    assert page.input_value(".attnscope-qk-query") == "3"
+    q, k = attn.queries_keys("layers.1.self_attn")
+    reference = q[0, 1, 3] @ k[0, 1].T
+    scores = [float(s) for s in page.locator(".attnscope-qk-score").all_text_contents()]
+    weights = [float(s) for s in page.locator(".attnscope-qk-weight").all_text_contents()]
+    torch.testing.assert_close(torch.tensor(scores), reference, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        torch.tensor(weights), attn["layers.1.self_attn"][0, 1, 3], atol=1e-4, rtol=0
+    )
+    # words: labels and values as merge_tokens gives them
+    page.check(".attnscope-wordtoggle input")
+    words = attn.merge_tokens()
+    assert page.locator(".attnscope-ytick").all_text_contents() == words.tokens
+    box = page.locator(".attnscope-matrix").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + 2.5 * box["width"] / 4, box["y"] + 1.5 * box["height"] / 4)
+    tip = page.text_content(".attnscope-tooltip") or ""
+    assert "query word 1 unbelievable → key word 2 day" in tip
+    expected = float(words["layers.1.self_attn"][0, 1, 1, 2])
+    assert float(tip.rsplit("≈", 1)[1]) == pytest.approx(expected, abs=3e-3)
+    # exports of the current (word-level) view
+    with page.expect_download() as svg_download:
+        page.click(".attnscope-export-svg")
+    from xml.etree import ElementTree
+
+    svg = ElementTree.fromstring(Path(svg_download.value.path()).read_text(encoding="utf-8"))
+    namespace = "{http://www.w3.org/2000/svg}"
+    assert svg.tag == f"{namespace}svg"
+    assert len(list(svg.iter(f"{namespace}rect"))) == 1 + 4 * 4
+    assert "unbelievable" in [t.text for t in svg.iter(f"{namespace}text")]
+    with page.expect_download() as png_download:
+        page.click(".attnscope-export-png")
+    assert Path(png_download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert opened.errors == [] and opened.requests == []
+
+
+def test_long_maps_draw_head_lines_for_the_hovered_token(browser: object, tmp_path: Path) -> None:
+    n = 300  # 90 000 cells a head: lines wait for a hovered token, read from its row alone
+    weights = torch.zeros(1, 2, n, n)
+    weights[0, 0, torch.arange(n), (torch.arange(n) + 1) % n] = 1.0  # head 0: the next token
+    weights[0, 1, :, 0] = 1.0  # head 1: the first token
+    maps = AttentionMaps.from_tensors({"long": weights}).with_tokens([f"w{i}" for i in range(n)])
+    opened = Opened(browser, attnscope.view(maps, element_id="long").save(tmp_path / "l.html"))
+    drawn = """c => { const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+    assert opened.page.eval_on_selector(".attnscope-lines", drawn) == 0  # a transparent canvas
+    opened.page.hover(".attnscope-left .attnscope-token >> nth=150")
+    lit = opened.page.eval_on_selector(
+        ".attnscope-lines",
+        """c => { const d = c.getContext('2d').getImageData(c.width - 1, 0, 1, c.height).data;
+        const rows = []; for (let y = 0; y < c.height; y++) if (d[4 * y + 3] > 0) rows.push(y);
+        return rows; }""",
+    )
+    step = opened.page.eval_on_selector(".attnscope-left .attnscope-token", "t => t.offsetHeight")
+    ends = sorted({y // step for y in lit})
+    # the right-hand ends: key 0 (head 1; its steep line crosses a row or two more at the
+    # edge) and key 151 (head 0), nothing in between
+    assert ends[0] == 0 and ends[-1] == 151 and all(e <= 3 for e in ends[:-1])
+    assert opened.errors == []

@@ -195,3 +195,36 @@ def test_interop_formats() -> None:
     circuits = single.to_circuitsvis("layer.0")
     assert circuits["tokens"] == ["a", "b", "c"]
     assert torch.equal(circuits["attention"], single["layer.0"][0])
+
+
+def test_reading_aids_in_the_data_words_and_lazy_queries_keys() -> None:
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with torch.no_grad(), attnscope.capture(model, lazy=True) as attn:
+        model(torch.randn(1, 4, 8, generator=torch.Generator().manual_seed(0)))
+    labelled = attn.with_tokens(["[CLS]", "play", "##ing", "[SEP]"])
+    entry = page_data(labelled)["maps"][0]
+    assert entry["kwords"] == {
+        "groups": [[0], [1, 2], [3]],
+        "labels": ["[CLS]", "playing", "[SEP]"],
+    }
+    assert entry["qwords"] == entry["kwords"]
+    q, k = attn.queries_keys("layers.0.self_attn")
+    for head in range(2):
+        got_q = torch.frombuffer(
+            bytearray(base64.b64decode(entry["qk"]["q"][head])), dtype=torch.float32
+        )
+        got_k = torch.frombuffer(
+            bytearray(base64.b64decode(entry["qk"]["k"][head])), dtype=torch.float32
+        )
+        assert torch.equal(got_q.view(4, -1), q[0, head]) and torch.equal(
+            got_k.view(4, -1), k[0, head]
+        )
+    assert entry["qk"]["dim"] == 4
+    # left out, and said so, when they pass their budget; eager captures have none
+    data = page_data(labelled, qk_bytes=10)
+    assert "qk" not in data["maps"][0] and "query/key budget" in data["note"]
+    assert "qk" not in page_data(maps_with_tokens(["a", "b"]))["maps"][0]
+    assert "kwords" not in page_data(maps_with_tokens(["a", "b"]))["maps"][0]
+    with pytest.raises(AttnScopeError, match="qk_bytes"):
+        page_data(labelled, qk_bytes=-1)
