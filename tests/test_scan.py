@@ -133,7 +133,7 @@ def test_row_statistics_cross_attention_with_other_offsets() -> None:
 def test_sums_merge_in_any_grouping_like_one_pass() -> None:
     maps = [_one_hot_rows(2, 3, 6, seed) for seed in range(4)]
     masks = [torch.tensor([[True] * 6, [True] * 4 + [False] * 2]) for _ in maps]
-    for m, mask in zip(maps, masks, strict=True):
+    for m in maps:  # item 1 is 4 tokens long, padded to 6
         m[1, :, 4:] = 0
         m[1, :, :, 4:] = 0
     one = Accumulator(max_length=8, top_k=3)
