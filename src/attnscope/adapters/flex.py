@@ -231,9 +231,25 @@ class FlexAdapter:
         "modules calling torch.nn.attention.flex_attention.flex_attention",
     )
 
+    def __init__(self) -> None:
+        # a capture asks for the attention modules, then installs: one scan serves both
+        # (scanning every module's attributes was most of a capture's enter and exit)
+        self._scans = threading.local()
+
     def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
         kernel = _kernel()
-        return {} if kernel is None else _Scan(model, kernel).callers
+        if kernel is None:
+            return {}
+        scan = _Scan(model, kernel)
+        self._scans.last = (weakref.ref(model), kernel, scan)
+        return scan.callers
+
+    def _scan(self, model: nn.Module, kernel: Callable[..., Any]) -> _Scan:
+        last = getattr(self._scans, "last", None)
+        self._scans.last = None
+        if last is not None and last[0]() is model and last[1] is kernel:
+            return last[2]
+        return _Scan(model, kernel)
 
     def install(
         self,
@@ -246,7 +262,7 @@ class FlexAdapter:
         home, kernel = _flex_module(), _kernel()
         if home is None or kernel is None:
             return
-        scan = _Scan(model, kernel)
+        scan = self._scan(model, kernel)
         session = _FlexSession(model, selected, recorder, keep)
         for name, how in scan.unseen.items():
             module = scan.callers[name]
