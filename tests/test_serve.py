@@ -296,3 +296,42 @@ def test_cli_serve_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> 
     assert "at least 8" in capsys.readouterr().err
     assert main(["serve", "/no/such/folder", "--port", "0"]) == 2
     assert "not a local folder" in capsys.readouterr().err
+
+
+def test_the_command_prints_a_token_url_off_localhost_and_refuses_requests_without_it() -> None:
+    import subprocess
+    import sys
+    import time
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    command = [sys.executable, "-m", "attnscope", "serve", "--host", "0.0.0.0", "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        deadline, url = time.monotonic() + 120, None
+        while url is None and time.monotonic() < deadline:
+            line = process.stdout.readline()
+            if not line:
+                break
+            if line.startswith("open "):
+                url = line.split()[1]
+        assert url is not None, process.stderr.read() if process.stderr else ""
+        prefix, token = url.split("/?token=")
+        local = prefix.replace("0.0.0.0", "127.0.0.1")
+        assert len(token) >= 24
+        assert httpx.get(local + "/", timeout=10).status_code == 401
+        assert httpx.get(f"{local}/?token=wrong", timeout=10).status_code == 401
+        opened = httpx.get(f"{local}/?token={token}", timeout=10)
+        assert opened.status_code == 200 and 'id="attnscope-form"' in opened.text
+        answer = httpx.post(
+            local + "/api/capture",
+            json={"text": "Over HTTP."},
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=60,
+        )
+        assert answer.status_code == 200
+        assert answer.json()["tokens"] == ["[CLS]", "over", "http", ".", "[SEP]"]
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ipaddress
 import secrets
+from typing import Any
 
 from ..errors import AttnScopeError
 from .app import create_app
@@ -64,11 +65,22 @@ def serve(
     needed = access(host, token)
     explorer = Explorer(model, max_tokens=max_tokens)
     app = create_app(explorer, token=needed)
-    shown = f"[{host}]" if ":" in host else host
-    url = f"http://{shown}:{port}/" + (f"?token={needed}" if needed else "")
     print(f"attnscope serve: {explorer.model_path} ({explorer.max_tokens} tokens at most)")
-    print(f"open {url}", flush=True)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    shown = f"[{host}]" if ":" in host else host
+
+    class Announcing(uvicorn.Server):
+        """Prints the URL once the socket listens, so that it can be opened at once."""
+
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets=sockets)
+            bound = port
+            if self.servers and self.servers[0].sockets:  # port 0: the one the OS chose
+                bound = self.servers[0].sockets[0].getsockname()[1]
+            url = f"http://{shown}:{bound}/" + (f"?token={needed}" if needed else "")
+            print(f"open {url}", flush=True)
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning")
+    Announcing(config).run()
 
 
 __all__ = ["Explorer", "create_app", "is_loopback", "serve"]
