@@ -55,16 +55,16 @@ def open_texts(path: str | Path, text_field: str = "text", limit: int | None = N
     """
     file = Path(path)
     suffix = file.suffix.lower()
+    if not file.exists():
+        raise AttnScopeError(f"--data {file} does not exist")
+    if file.is_dir():
+        raise AttnScopeError(f"--data {file} is a folder; give a {', '.join(FORMATS)} file")
     if suffix not in FORMATS:
         raise AttnScopeError(
             f"--data {file}: unknown format {suffix or '(no extension)'!r}; give a "
             f"{', '.join(FORMATS)} file (one text a line, JSON lines with a {text_field!r} field, "
             "a CSV or Parquet table with that column)"
         )
-    if not file.exists():
-        raise AttnScopeError(f"--data {file} does not exist")
-    if file.is_dir():
-        raise AttnScopeError(f"--data {file} is a folder; give a {', '.join(FORMATS)} file")
     if limit is not None and limit < 1:
         raise AttnScopeError(f"--limit must be at least 1, got {limit}")
     try:
