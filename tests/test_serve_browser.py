@@ -199,7 +199,7 @@ def test_eight_concurrent_api_calls_from_the_page_each_get_their_own_answer(
     for text, answer in zip(texts, answers, strict=True):
         expected = explorer.tokenizer.convert_ids_to_tokens(explorer.tokenizer(text)["input_ids"])
         assert answer["tokens"] == expected
-        assert [m["q"] for m in answer["page"]["maps"]] == [len(expected)] * 6
+        assert [m["q"] for m in answer["maps"]] == [len(expected)] * 6
     tab.close()
 
 
@@ -212,7 +212,7 @@ def test_words_switch_merges_sub_words_like_merge_tokens(browser: object, live: 
         'application/json'}, body: JSON.stringify({text: 'Unbelievably tokenized.'})})
         .then(r => r.json())"""
     )
-    entry = answer["page"]["maps"][0]
+    entry = answer["maps"][0]
     groups, words = entry["kwords"]["groups"], entry["kwords"]["labels"]
     assert words == ["[CLS]", "unbelievably", "tokenized", ".", "[SEP]"]
     page.check(".attnscope-wordtoggle input")

@@ -36,8 +36,11 @@ def access(host: str, token: str | None) -> str | None:
     """The token the server will require: the one given, a fresh one for any address other
     than the loopback one, else None (no token on localhost unless asked for)."""
     if token is not None:
-        if not token.strip() or len(token) < 8:
-            raise AttnScopeError("--token must be at least 8 characters (or leave it out)")
+        if not token or token != token.strip() or any(c.isspace() for c in token):
+            raise AttnScopeError(
+                "--token must be a non-empty string without spaces (or leave it out: a fresh "
+                "one is made off localhost)"
+            )
         return token
     return None if is_loopback(host) else secrets.token_urlsafe(24)
 

@@ -93,13 +93,14 @@ class Explorer:
             data = page_data(maps)
             data["table"] = stats_table(head_stats(maps))
         data["title"] = f"{self.name}: {text[:60]}" + ("…" if len(text) > 60 else "")
-        return {
-            "model": self.name,
-            "tokens": _first(maps.tokens),
-            "target_tokens": _first(maps.target_tokens),
-            "generated": generated,
-            "page": data,
-        }
+        # one object: what the page draws (maps, labels, note, statistics) and the tokens
+        data.update(
+            model=self.name,
+            tokens=_first(maps.tokens),
+            target_tokens=_first(maps.target_tokens),
+            generated=generated,
+        )
+        return data
 
     def _check(self, text: object, pair: object, target: object, generate: object) -> None:
         if not isinstance(text, str) or not text.strip():

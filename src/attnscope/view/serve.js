@@ -32,7 +32,7 @@
     var root = el("div", "attnscope-root");
     root.id = "attnscope-live-" + (count++);
     column.appendChild(root);
-    attnscopeRender(root.id, answer.page);
+    attnscopeRender(root.id, answer);
   }
   function start() {
     var form = document.getElementById("attnscope-form");
