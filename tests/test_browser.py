@@ -71,13 +71,14 @@ class Opened:
         self.page.wait_for_selector(".attnscope-root[data-ready=true]", timeout=30_000)
 
     def ink(self, selector: str) -> int:
-        """Non-white pixels of a canvas."""
+        """Non-white, non-transparent pixels of a canvas."""
         return self.page.eval_on_selector(
             selector,
             """c => {
             const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
             let n = 0;
-            for (let i = 0; i < d.length; i += 4) if (Math.min(d[i], d[i+1], d[i+2]) < 250) n++;
+            for (let i = 0; i < d.length; i += 4)
+                if (d[i+3] > 0 && Math.min(d[i], d[i+1], d[i+2]) < 250) n++;
             return n; }""",
         )
 
