@@ -440,3 +440,30 @@ def test_long_maps_draw_head_lines_for_the_hovered_token(browser: object, tmp_pa
     # edge) and key 151 (head 0), nothing in between
     assert ends[0] == 0 and ends[-1] == 151 and all(e <= 3 for e in ends[:-1])
     assert opened.errors == []
+
+
+def test_head_view_exports_its_lines_and_tokens(browser: object, tmp_path: Path) -> None:
+    maps = demo_like_maps()
+    opened = Opened(browser, attnscope.view(maps, element_id="hx").save(tmp_path / "hx.html"))
+    page = opened.page
+    page.uncheck(".attnscope-headtoggle input >> nth=2")
+    with page.expect_download() as svg_download:
+        page.click(".attnscope-head-export-svg")
+    from xml.etree import ElementTree
+
+    svg = ElementTree.fromstring(Path(svg_download.value.path()).read_text(encoding="utf-8"))
+    namespace = "{http://www.w3.org/2000/svg}"
+    drawn = list(svg.iter(f"{namespace}line"))
+    # one line per query, key and visible head whose one-byte weight reaches 3 (of 255)
+    weights = torch.round(maps["encoder.0"][0] * 255)
+    expected = int((weights[[0, 1, 3]] >= 3).sum())
+    assert len(drawn) == expected > 0
+    opacities = sorted(float(line.get("stroke-opacity", "0")) for line in drawn)
+    wanted = sorted(float(v) / 255 for v in weights[[0, 1, 3]].flatten() if v >= 3)
+    assert opacities == pytest.approx(wanted, abs=1e-3)
+    texts = [t.text for t in svg.iter(f"{namespace}text")]
+    assert texts[1:] == list("abcdef") * 2
+    with page.expect_download() as png_download:
+        page.click(".attnscope-head-export-png")
+    assert Path(png_download.value.path()).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert opened.errors == []

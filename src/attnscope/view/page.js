@@ -134,6 +134,12 @@ function attnscopeRender(rootId, given) {
   var views = el("div", "attnscope-views");
   var headPanel = el("section", "attnscope-panel attnscope-headview");
   headPanel.appendChild(el("h3", null, "Head view"));
+  var headExport = el("div", "attnscope-export");
+  var headPng = el("button", "attnscope-head-export-png", "Export PNG");
+  var headSvg = el("button", "attnscope-head-export-svg", "Export SVG");
+  headPng.type = "button"; headSvg.type = "button";
+  headExport.appendChild(headPng); headExport.appendChild(headSvg);
+  headPanel.appendChild(headExport);
   var headArea = el("div", "attnscope-headarea");
   var left = el("div", "attnscope-tokens attnscope-left");
   var lines = el("canvas", "attnscope-lines");
@@ -262,40 +268,49 @@ function attnscopeRender(rootId, given) {
       right.appendChild(node);
     });
   }
-  function drawLines() {
-    var m = maps[state.map], labels = axisLabels(m);
-    var rows = labels.q.length, cols = labels.k.length, step = rowHeight(Math.max(rows, cols));
-    var height = Math.max(rows, cols) * step, width = 160;
-    lines.width = width; lines.height = height;
-    lines.style.height = height + "px";
-    var ctx = lines.getContext("2d");
-    ctx.clearRect(0, 0, width, height);
-    var dense = rows * cols > 4096, threshold = dense ? 25 : 3;
-    var long = rows * cols > LINES_ALL;
-    if (long && state.query < 0) return;  // too many lines to read: they wait for a hovered token
+  var LINES_WIDTH = 160;
+  function headSegments() {  // the head view's lines: [query, key, head, opacity] each
+    var m = maps[state.map], labels = axisLabels(m), segments = [];
+    var rows = labels.q.length, cols = labels.k.length;
+    var threshold = rows * cols > 4096 ? 25 : 3, long = rows * cols > LINES_ALL;
+    var result = { rows: rows, cols: cols, step: rowHeight(Math.max(rows, cols)), segments: segments, labels: labels };
+    if (long && state.query < 0) return result;  // too many lines to read: they wait for a hovered token
     for (var h = 0; h < m.heads; h++) {
       if (!state.visible[h]) continue;
       // a long token-level map reads just the hovered row, without decoding the whole head
       var single = long && !merging(m), view = single ? null : shown(state.map, h);
       if (single ? m.data[h] === null : view.pooled) continue;
       var values = single ? row(state.map, h, state.query) : view.u8;
-      ctx.strokeStyle = COLORS[h % COLORS.length];
       for (var i = 0; i < rows; i++) {
         if (state.query >= 0 && i !== state.query) continue;
         var at = single ? 0 : i * cols;
         for (var j = 0; j < cols; j++) {
           var v = values[at + j];
-          if (v < threshold) continue;
-          ctx.globalAlpha = Math.min(1, v / 255);
-          ctx.lineWidth = 1.5;
-          ctx.beginPath();
-          ctx.moveTo(0, i * step + step / 2);
-          ctx.lineTo(width, j * step + step / 2);
-          ctx.stroke();
+          if (v >= threshold) segments.push([i, j, h, Math.min(1, v / 255)]);
         }
       }
     }
+    return result;
+  }
+  function strokeSegments(ctx, lines, x0, y0) {
+    ctx.lineWidth = 1.5;
+    lines.segments.forEach(function (s) {
+      ctx.strokeStyle = COLORS[s[2] % COLORS.length];
+      ctx.globalAlpha = s[3];
+      ctx.beginPath();
+      ctx.moveTo(x0, y0 + s[0] * lines.step + lines.step / 2);
+      ctx.lineTo(x0 + LINES_WIDTH, y0 + s[1] * lines.step + lines.step / 2);
+      ctx.stroke();
+    });
     ctx.globalAlpha = 1;
+  }
+  function drawLines() {
+    var found = headSegments(), height = Math.max(found.rows, found.cols) * found.step;
+    lines.width = LINES_WIDTH; lines.height = height;
+    lines.style.height = height + "px";
+    var ctx = lines.getContext("2d");
+    ctx.clearRect(0, 0, LINES_WIDTH, height);
+    strokeSegments(ctx, found, 0, 0);
   }
 
   // -- matrix view --------------------------------------------------------------------------
@@ -536,6 +551,63 @@ function attnscopeRender(rootId, given) {
     }
     return canvas;
   }
+  function headLayout() {
+    var found = headSegments(), chars = 1;
+    found.labels.q.concat(found.labels.k).forEach(function (l) { chars = Math.max(chars, Math.min(LABEL, l.length)); });
+    var margin = chars * 7 + 8, top = 24;
+    found.margin = margin; found.top = top;
+    found.width = 2 * margin + LINES_WIDTH; found.height = top + Math.max(found.rows, found.cols) * found.step + 4;
+    found.title = "Head view: " + maps[state.map].name + (state.query >= 0 ? ", query " + state.query : "");
+    return found;
+  }
+  function headSVG() {
+    var L = headLayout(), NS = "http://www.w3.org/2000/svg";
+    var svg = document.createElementNS(NS, "svg");
+    svg.setAttribute("xmlns", NS);
+    svg.setAttribute("width", String(L.width)); svg.setAttribute("height", String(L.height));
+    svg.setAttribute("font-family", "sans-serif"); svg.setAttribute("font-size", "11");
+    function node(tag, attrs, text) {
+      var n = document.createElementNS(NS, tag);
+      Object.keys(attrs).forEach(function (a) { n.setAttribute(a, String(attrs[a])); });
+      if (text !== undefined) n.textContent = text;  // text, never markup
+      svg.appendChild(n);
+      return n;
+    }
+    node("rect", { x: 0, y: 0, width: L.width, height: L.height, fill: "#fff" });
+    node("text", { x: 4, y: 14, "font-size": 12 }, L.title);
+    var x0 = L.margin, y0 = L.top;
+    L.segments.forEach(function (s) {
+      node("line", { x1: x0, y1: y0 + (s[0] + 0.5) * L.step, x2: x0 + LINES_WIDTH,
+        y2: y0 + (s[1] + 0.5) * L.step, stroke: COLORS[s[2] % COLORS.length],
+        "stroke-opacity": s[3].toFixed(3), "stroke-width": 1.5 });
+    });
+    L.labels.q.forEach(function (t, i) {
+      node("text", { x: x0 - 4, y: y0 + (i + 0.5) * L.step + 4, "text-anchor": "end" }, cut(t));
+    });
+    L.labels.k.forEach(function (t, j) {
+      node("text", { x: x0 + LINES_WIDTH + 4, y: y0 + (j + 0.5) * L.step + 4 }, cut(t));
+    });
+    return new XMLSerializer().serializeToString(svg);
+  }
+  function headPNG() {
+    var L = headLayout(), canvas = document.createElement("canvas");
+    canvas.width = L.width; canvas.height = L.height;
+    var ctx = canvas.getContext("2d");
+    ctx.fillStyle = "#fff"; ctx.fillRect(0, 0, L.width, L.height);
+    ctx.fillStyle = "#222"; ctx.font = "12px sans-serif"; ctx.fillText(L.title, 4, 14);
+    strokeSegments(ctx, L, L.margin, L.top);
+    ctx.font = "11px sans-serif"; ctx.fillStyle = "#222"; ctx.textAlign = "right";
+    L.labels.q.forEach(function (t, i) { ctx.fillText(cut(t), L.margin - 4, L.top + (i + 0.5) * L.step + 4); });
+    ctx.textAlign = "left";
+    L.labels.k.forEach(function (t, j) { ctx.fillText(cut(t), L.margin + LINES_WIDTH + 4, L.top + (j + 0.5) * L.step + 4); });
+    return canvas;
+  }
+  headSvg.addEventListener("click", function () {
+    download(new Blob([headSVG()], { type: "image/svg+xml" }), fileName("-headview.svg"));
+  });
+  headPng.addEventListener("click", function () {
+    headPNG().toBlob(function (blob) { download(blob, fileName("-headview.png")); }, "image/png");
+  });
   function fileName(extension) {
     var m = maps[state.map];
     return ("attention-" + m.name + "-head" + state.head).replace(/[^A-Za-z0-9_.-]+/g, "_") + extension;
