@@ -299,25 +299,54 @@ def test_cli_serve_refuses_bad_arguments(capsys: pytest.CaptureFixture[str]) -> 
     assert "not a local folder" in capsys.readouterr().err
 
 
-def test_the_command_prints_a_token_url_off_localhost_and_refuses_requests_without_it() -> None:
-    import subprocess
-    import sys
-    import time
+class Command:
+    """``attnscope serve ARGS`` in a subprocess, until it prints the URL to open."""
 
-    httpx = pytest.importorskip("httpx")
-    pytest.importorskip("uvicorn")
-    command = [sys.executable, "-m", "attnscope", "serve", "--host", "0.0.0.0", "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert process.stdout is not None
-        deadline, url = time.monotonic() + 120, None
-        while url is None and time.monotonic() < deadline:
-            line = process.stdout.readline()
+    def __init__(self, *args: str) -> None:
+        import subprocess
+        import sys
+        import time
+
+        command = [sys.executable, "-m", "attnscope", "serve", *args]
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        )
+        assert self.process.stdout is not None
+        deadline, self.url = time.monotonic() + 120, ""
+        while not self.url and time.monotonic() < deadline:
+            line = self.process.stdout.readline()
             if not line:
                 break
             if line.startswith("open "):
-                url = line.split()[1]
-        assert url is not None, process.stderr.read() if process.stderr else ""
+                self.url = line.split()[1]
+        if not self.url:
+            self.stop()
+            raise AssertionError("attnscope serve printed no URL")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+def test_the_command_on_localhost_needs_no_token_and_answers_only_local_names() -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    server = Command("--port", "0")
+    try:
+        assert server.url.startswith("http://127.0.0.1:") and "token" not in server.url
+        assert 'id="attnscope-form"' in httpx.get(server.url, timeout=10).text
+        rebound = httpx.get(server.url, headers={"Host": "rebound.example"}, timeout=10)
+        assert rebound.status_code == 403
+    finally:
+        server.stop()
+
+
+def test_the_command_prints_a_token_url_off_localhost_and_refuses_requests_without_it() -> None:
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    server = Command("--host", "0.0.0.0", "--port", "0")
+    try:
+        url = server.url
         prefix, token = url.split("/?token=")
         local = prefix.replace("0.0.0.0", "127.0.0.1")
         assert len(token) >= 24
@@ -334,5 +363,13 @@ def test_the_command_prints_a_token_url_off_localhost_and_refuses_requests_witho
         assert answer.status_code == 200
         assert answer.json()["tokens"] == ["[CLS]", "over", "http", ".", "[SEP]"]
     finally:
-        process.terminate()
-        process.wait(timeout=30)
+        server.stop()
+
+
+def test_without_a_token_only_this_machines_names_are_answered(explorer: Explorer) -> None:
+    local = create_app(explorer, hosts={"localhost", "127.0.0.1", "::1"})
+    for base in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765"):
+        assert TestClient(local, base_url=base).get("/api/info").status_code == 200
+    for base in ("http://rebound.example:8765", "http://192.168.1.4:8765"):
+        refused = TestClient(local, base_url=base).get("/api/info")
+        assert refused.status_code == 403 and "127.0.0.1" in refused.text

@@ -67,7 +67,8 @@ def serve(
         raise AttnScopeError(f"--max-tokens must be at least 1, got {max_tokens}")
     needed = access(host, token)
     explorer = Explorer(model, max_tokens=max_tokens)
-    app = create_app(explorer, token=needed)
+    local = None if needed else {"localhost", "127.0.0.1", "::1", host.strip("[]")}
+    app = create_app(explorer, token=needed, hosts=local)
     print(f"attnscope serve: {explorer.model_path} ({explorer.max_tokens} tokens at most)")
     shown = f"[{host}]" if ":" in host else host
 

@@ -7,6 +7,10 @@ keeps it in a same-site cookie for its assets and API calls), an ``Authorization
 header, or that cookie; anything else gets a 401. ``serve`` always sets a token when it binds
 an address other than the loopback one (as Jupyter does).
 
+*DNS rebinding.* Without a token (the loopback address), ``serve`` also passes ``hosts``: a
+request whose Host header names anything but this machine gets a 403, so a web page whose
+name was rebound to 127.0.0.1 cannot use the server.
+
 *What is served.* The page, the four asset files named in ``ASSETS`` (read from this package,
 never a path built from the request), ``GET /api/info`` and ``POST /api/capture``. Every answer
 carries a Content-Security-Policy that allows scripts, styles, images and connections from
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from collections.abc import Collection
 from importlib import resources
 from typing import Any
 
@@ -49,8 +54,11 @@ SECURITY_HEADERS = [
 FIELDS = {"text", "text_pair", "target", "generate"}
 
 
-def create_app(explorer: Explorer, *, token: str | None = None) -> Any:
-    """The Starlette app serving ``explorer``; ``token``: the access token every request needs."""
+def create_app(
+    explorer: Explorer, *, token: str | None = None, hosts: Collection[str] | None = None
+) -> Any:
+    """The Starlette app serving ``explorer``; ``token``: the access token every request needs;
+    ``hosts``: the only names a request's Host header may carry (None: any)."""
     try:
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
@@ -153,7 +161,16 @@ def create_app(explorer: Explorer, *, token: str | None = None) -> Any:
                 message["headers"] = [*message["headers"], *SECURITY_HEADERS]
             await send(message)
 
-        if allowed(HTTPConnection(scope)):
+        connection = HTTPConnection(scope)
+        if hosts is not None and connection.url.hostname not in hosts:
+            # a page elsewhere that rebinds its DNS name to 127.0.0.1 still sends its own name
+            refused = PlainTextResponse(
+                f"403: this attnscope server answers to {', '.join(sorted(hosts))} only",
+                status_code=403,
+            )
+            await refused(scope, receive, with_headers)
+            return
+        if allowed(connection):
             await app(scope, receive, with_headers)
             return
         refused = PlainTextResponse(
