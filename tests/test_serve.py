@@ -200,9 +200,12 @@ def test_eight_concurrent_requests_each_get_their_own_capture(client: TestClient
 
 @pytest.fixture(scope="module")
 def tiny_folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
+
+
+def save_tiny_models(root: Path) -> dict[str, Path]:
     """A GPT-2 and a T5 with random weights and MiniLM's tokenizer, saved as local folders."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(minilm.get_model_path())
-    root = tmp_path_factory.mktemp("models")
     torch.manual_seed(0)
     vocab = tokenizer.vocab_size
     gpt = transformers.GPT2LMHeadModel(

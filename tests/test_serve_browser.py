@@ -333,3 +333,47 @@ def test_hostile_token_text_never_executes(browser: object, hostile_live: Live) 
     assert page.evaluate("document.scripts.length") == 3  # the info block, page.js, serve.js
     assert tab.errors == [] and tab.outside == []
     tab.close()
+
+
+def test_target_box_and_generation_in_the_page(
+    browser: object, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from test_serve import save_tiny_models
+
+    folders = save_tiny_models(tmp_path_factory.mktemp("tiny"))
+    t5 = Live(create_app(Explorer(str(folders["t5"]))))
+    try:
+        tab = Tab(browser, t5, path="")
+        tab.page.wait_for_selector("body[data-ready=true]")
+        tab.page.fill("#attnscope-target", "le chat")
+        tab.submit("the cat sat")
+        page = tab.page
+        options = page.locator(".attnscope-layer option").all_text_contents()
+        cross = next(i for i, o in enumerate(options) if o.endswith("(cross)"))
+        page.select_option(".attnscope-layer", str(cross))
+        target = ["[CLS]", "le", "chat", "[SEP]"]
+        assert page.locator(".attnscope-left .attnscope-token").all_text_contents() == target
+        source = ["[CLS]", "the", "cat", "sat", "[SEP]"]
+        assert page.locator(".attnscope-right .attnscope-token").all_text_contents() == source
+        assert page.text_content(".attnscope-querycaption") == "queries (target tokens) →"
+        assert tab.errors == [] and tab.outside == []
+        tab.close()
+    finally:
+        t5.stop()
+    gpt = Live(create_app(Explorer(str(folders["gpt"]))))
+    try:
+        tab = Tab(browser, gpt, path="")
+        tab.page.wait_for_selector("body[data-ready=true]")
+        tab.page.fill("#attnscope-generate", "3")
+        tab.submit("the cat sat")
+        page = tab.page
+        generated = page.text_content(".attnscope-generated") or ""
+        assert generated.startswith("Generated: ") and len(generated.split()) == 1 + 3
+        tokens = page.locator(".attnscope-left .attnscope-token").all_text_contents()
+        assert len(tokens) == 5 + 2 and tokens[5:] == generated.split()[1:3]
+        # KV-cache steps are incremental decoding: joined, with no "last call" note
+        assert page.locator(".attnscope-note").count() == 0
+        assert tab.errors == [] and tab.outside == []
+        tab.close()
+    finally:
+        gpt.stop()
