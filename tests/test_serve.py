@@ -376,3 +376,16 @@ def test_without_a_token_only_this_machines_names_are_answered(explorer: Explore
     for base in ("http://rebound.example:8765", "http://192.168.1.4:8765"):
         refused = TestClient(local, base_url=base).get("/api/info")
         assert refused.status_code == 403 and "127.0.0.1" in refused.text
+
+
+def test_a_missing_extra_is_named(explorer: Explorer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from attnscope.serve import serve
+
+    monkeypatch.setitem(sys.modules, "starlette.applications", None)  # as if not installed
+    with pytest.raises(AttnScopeError, match=r"pip install 'attnscope\[serve\]'"):
+        create_app(explorer)
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(AttnScopeError, match=r"pip install 'attnscope\[serve\]'"):
+        serve(port=0)
