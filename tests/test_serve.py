@@ -389,3 +389,15 @@ def test_a_missing_extra_is_named(explorer: Explorer, monkeypatch: pytest.Monkey
     monkeypatch.setitem(sys.modules, "uvicorn", None)
     with pytest.raises(AttnScopeError, match=r"pip install 'attnscope\[serve\]'"):
         serve(port=0)
+
+
+def test_importing_attnscope_imports_no_server_library() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, attnscope, attnscope.serve; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'starlette', 'uvicorn'}))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
