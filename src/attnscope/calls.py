@@ -84,6 +84,9 @@ class AttentionCall:
     per-head queries, already multiplied by the kernel's scale, and keys, (batch, heads,
     query, dim) and (batch, heads, key, dim), heads expanded for grouped-query attention: their
     product ``q @ kᵀ`` is the scores before the mask (``AttentionMaps.queries_keys``).
+    ``values()`` gives the per-head values the weights multiply, (batch, heads, key, dim), and
+    ``output`` is the kernel's per-head output (batch, heads, query, dim), on the autograd
+    graph when the forward builds one: what gradients (``∂L/∂A = ∂L/∂O · Vᵀ``) and norms need.
     """
 
     kind: str
@@ -92,6 +95,8 @@ class AttentionCall:
     compute: Callable[[Tensor | None], Tensor]
     held: tuple[Tensor, ...] = ()
     terms: Callable[[], tuple[Tensor, Tensor]] | None = None
+    values: Callable[[], Tensor] | None = None
+    output: Tensor | None = None
 
     @classmethod
     def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import ExitStack
 from typing import Any
 
@@ -35,6 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from .adapters import Adapter, default_adapters
+from .attribution import (
+    OUTPUT_PROJECTIONS,
+    GradSlot,
+    check_norms_option,
+    output_projection,
+    value_norms,
+)
 from .calls import AttentionCall
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names, matcher
@@ -59,9 +66,17 @@ class _Recorder:
         lazy: bool,
         spill: Spill | None,
         consume: Consumer | None = None,
+        grads: bool = False,
+        norms: Mapping[str, str] | None = None,
+        model: nn.Module | None = None,
     ) -> None:
         self.maps = maps
         self.consume = consume
+        self.grads = grads
+        self.norms = norms
+        self.model = model
+        self.wants_outputs = grads or norms is not None
+        self.slots: list[GradSlot] = []
         self.heads = None if heads is None else list(heads)
         self.rows = None if rows is None else list(rows)
         self.to = to
@@ -117,7 +132,44 @@ class _Recorder:
                 estimate = 0  # on disk, mapped: not memory the capture holds
         self.bytes += estimate
         self.maps._append(name, call.kind, weights, rows=self.rows)
+        if self.grads:
+            self.maps._grads.setdefault(name, []).append(self._slot(name, call, rows))
+        if self.norms is not None:
+            self.maps._norms.setdefault(name, []).append(self._value_norms(name, call))
         self.calls += 1
+
+    def _slot(self, name: str, call: AttentionCall, rows: Tensor | None) -> GradSlot:
+        heads, to, dtype = self.heads, self.to, self.dtype
+
+        def select(grad: Tensor) -> Tensor:
+            return finish(grad if rows is None else grad[:, :, rows], heads, to, dtype)
+
+        slot = GradSlot(name, None if call.values is None else call.values(), call.output)
+        slot.select = select
+        self.slots.append(slot)
+        return slot
+
+    def _value_norms(self, name: str, call: AttentionCall) -> Tensor | str:
+        """‖f_h(x_j)‖ (batch, heads, key) of this call, or why there is none."""
+        if call.values is None:
+            return "its adapter gives no values for it (only its weights)"
+        assert self.model is not None and self.norms is not None
+        projection = output_projection(self.model, name, self.norms)
+        if projection is None:
+            return (
+                "no output projection was found (looked for "
+                f"{', '.join(OUTPUT_PROJECTIONS)}, and output.dense beside it); name it: "
+                f"capture(model, norms={{{name!r}: 'path.to.projection'}})"
+            )
+        vector = value_norms(call.values(), projection, name)
+        if self.heads is not None:
+            vector = vector[:, self.heads]
+        return vector.to(device=self.to, dtype=self.dtype or vector.dtype)
+
+    def close(self) -> None:
+        """Remove every hook a gradient slot put on the graph: nothing stays after the block."""
+        for slot in self.slots:
+            slot.remove()
 
     def skip(self, name: str, why: str) -> None:
         self.maps._skip(name, why)
@@ -149,6 +201,7 @@ class Capture:
         # the backstop, for an interrupt landing as __exit__ is entered, before its first line:
         # the stack is closed when this object goes (at once, by reference count)
         self._close = weakref.finalize(self, _restore, stack, guard)
+        stack.callback(recorder.close)
         guard.held = True  # before the stand-ins go in: one may run as soon as it is in
         try:
             guard.install()
@@ -203,6 +256,8 @@ def capture(
     lazy: bool = False,
     spill: str | os.PathLike[str] | None = None,
     adapters: Sequence[Adapter] = (),
+    grads: bool = False,
+    norms: bool | Mapping[str, str] = False,
 ) -> Capture:
     """Record per-head attention weights of every attention module ``model`` calls.
 
@@ -221,6 +276,13 @@ def capture(
     ``adapters=[...]`` are asked before the registered ones (``attnscope.register_adapter``)
     for the attention modules they know; modules that ran but whose attention could not be
     mapped are listed, with the reason, in ``attn.skipped``.
+
+    ``grads=True``: a backward inside the block records ∂loss/∂A of every captured call,
+    ``attn.grad(name)`` (shaped like ``attn[name]``). ``norms=True``: ``attn.norms(name)`` is
+    A_ij·‖f_h(x_j)‖, the weights times the norm of what each key's value adds to the output
+    through the head's slice of the output projection (Kobayashi et al. 2020); the projection
+    is found by name (``o_proj``, ``out_proj``, ``c_proj``, ``dense``, ...), or given as
+    ``norms={module: projection}``. See ``attnscope.attribution``.
 
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
@@ -243,6 +305,8 @@ def capture(
         "lazy": lazy,
         "spill": spill,
         "adapters": adapters,
+        "grads": grads,
+        "norms": norms,
     }
     return Capture(model, options)
 
@@ -308,6 +372,8 @@ def _prepare(
     spill: str | os.PathLike[str] | None,
     adapters: Sequence[Adapter],
     consume: Consumer | None = None,
+    grads: bool = False,
+    norms: object = False,
 ) -> tuple[list[tuple[Adapter, dict[str, nn.Module], Callable[[str], bool]]], _Recorder]:
     """Check the options and the model; find the attention modules each adapter observes."""
     if not isinstance(model, nn.Module):
@@ -333,6 +399,8 @@ def _prepare(
         raise AttnScopeError(_nothing_found(model, adapters))
     if lazy and spill is not None:
         raise AttnScopeError("lazy=True and spill= exclude each other: choose one")
+    if not isinstance(grads, bool):
+        raise AttnScopeError(f"grads= takes True or False, got {grads!r}")
     selected = set(_select(model, available, include, exclude))
     keep_include = matcher(include) if include is not None else None
     drop = matcher(exclude) if exclude is not None else None
@@ -361,6 +429,9 @@ def _prepare(
         bool(lazy),
         None if spill is None else Spill(spill),
         consume,
+        bool(grads),
+        check_norms_option(norms),
+        model,
     )
     chosen = [
         (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found

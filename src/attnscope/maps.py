@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ._version import __version__
+from .attribution import GradSlot
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names
 from .lazy import LazyWeights, union_bytes
@@ -57,6 +58,8 @@ class AttentionMaps:
         self._tokens: Tokens | None = None
         self._target_tokens: Tokens | None = None
         self._skipped: dict[str, str] = {}
+        self._grads: dict[str, list[GradSlot]] = {}  # capture(grads=True): one per call
+        self._norms: dict[str, list[Tensor | str]] = {}  # capture(norms=True): ‖f_h(x_j)‖
 
     # -- building ---------------------------------------------------------------------------
 
@@ -165,6 +168,50 @@ class AttentionMaps:
         """Every call of ``name``, in order, each (batch, heads, query, key)."""
         self._check_name(name)
         return [_resolve(w) for w in self._calls[name]]
+
+    def grad(self, name: str, call: int | None = None) -> Tensor:
+        """∂loss/∂A of ``name``'s weights, shaped like ``attn[name]`` (its ``call``-th call
+        where it ran more than once), from a backward run inside ``capture(model,
+        grads=True)`` (``attnscope.attribution``)."""
+        self._check_name(name)
+        if name not in self._grads:
+            raise AttnScopeError(
+                f"no gradients were kept for {name!r}: capture with "
+                "attnscope.capture(model, grads=True) and call loss.backward() inside the block"
+            )
+        return self._pick(name, self._grads[name], call).grad()
+
+    def norms(self, name: str, call: int | None = None) -> Tensor:
+        """Norm-weighted maps A_ij·‖f_h(x_j)‖ of ``name`` (Kobayashi et al. 2020), shaped
+        like ``attn[name]``, from ``capture(model, norms=True)``."""
+        self._check_name(name)
+        if name not in self._norms:
+            raise AttnScopeError(
+                f"no value norms were kept for {name!r}: capture with "
+                "attnscope.capture(model, norms=True)"
+            )
+        index = self._index(name, call)
+        vector = self._norms[name][index]
+        if isinstance(vector, str):
+            raise AttnScopeError(f"no value norms for {name!r}: {vector}")
+        weights = _resolve(self._calls[name][index])
+        return weights * vector.to(weights.dtype)[:, :, None, :]
+
+    def _index(self, name: str, call: int | None) -> int:
+        count = len(self._calls[name])
+        if call is None:
+            if count > 1:
+                raise AttnScopeError(
+                    f"{name!r} was called {count} times in this capture; pass call=i "
+                    f"(0..{count - 1}, or -1 for the last)"
+                )
+            return 0
+        if not -count <= call < count:
+            raise AttnScopeError(f"{name!r} was called {count} times; call={call} is out")
+        return call % count
+
+    def _pick(self, name: str, slots: list[GradSlot], call: int | None) -> GradSlot:
+        return slots[self._index(name, call)]
 
     def queries_keys(self, name: str, call: int = -1) -> tuple[Tensor, Tensor]:
         """A lazy capture's per-head queries, already multiplied by the kernel's scale, and

@@ -30,6 +30,7 @@ class Recorder(Protocol):
 
     keep: bool  # lazy: computations run later, so adapters copy what may change meanwhile
     calls: int  # how many calls were recorded so far, by any adapter
+    wants_outputs: bool  # gradients or norms: calls should carry values and kernel outputs
 
     def record(self, name: str, call: AttentionCall) -> None: ...
 
@@ -73,6 +74,10 @@ class Session:
         self.keep = keep
         self.thread = threading.get_ident()
         self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
+
+    @property
+    def wants_outputs(self) -> bool:
+        return bool(getattr(self.recorder, "wants_outputs", False))
 
     def owner(self, callers: Iterable[nn.Module]) -> tuple[nn.Module, str] | None:
         """The innermost of ``callers`` that is this model's and that the capture keeps."""

@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .. import pool
+from .. import edits, pool
 from ..calls import hidden_keys, kind_of
 from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
@@ -132,8 +132,18 @@ class _SdpaArgs:
         scale: float | None = None,
         enable_gqa: bool = False,
     ) -> None:
-        self.query, self.key, self.attn_mask = query, key, attn_mask
+        self.query, self.key, self.value, self.attn_mask = query, key, value, attn_mask
+        self.dropout_p = dropout_p
         self.is_causal, self.scale, self.enable_gqa = bool(is_causal), scale, bool(enable_gqa)
+
+    def with_mask(self, mask: Tensor) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        """The arguments of the same call with ``mask`` as its ``attn_mask`` (not causal)."""
+        kwargs: dict[str, Any] = {"attn_mask": mask, "dropout_p": self.dropout_p}
+        if self.scale is not None:
+            kwargs["scale"] = self.scale
+        if self.enable_gqa:
+            kwargs["enable_gqa"] = True
+        return (self.query, self.key, self.value), kwargs
 
     def own_inference_tensors(self) -> None:
         """For a lazy capture: copy the query, key and mask when they are inference tensors,
@@ -154,14 +164,50 @@ _sessions: list[_SdpaSession] = []
 
 
 def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
-    output = _SDPA.call_original(*args, **kwargs)
     thread = threading.get_ident()
     sessions = [session for session in tuple(_sessions) if session.thread == thread]
-    if sessions:
-        callers = CallingModules(sys._getframe(1))
-        for session in sessions:
-            session.on_sdpa(callers, args, kwargs)
+    edit_sets = edits.active_on_this_thread()
+    if not sessions and not edit_sets:
+        return _SDPA.call_original(*args, **kwargs)
+    callers = CallingModules(sys._getframe(1))
+    found = next((f for e in edit_sets if (f := e.edit_of(callers)) is not None), None)
+    if found is not None and found[1].edges:  # knockout: the edges hidden in the kernel's mask
+        call = _SdpaArgs(*args, **kwargs)
+        mask = edits.knock_out(
+            found[1].name, found[1].edges, call.query, call.key, call.attn_mask, call.is_causal
+        )
+        args, kwargs = call.with_mask(mask)
+    output = _SDPA.call_original(*args, **kwargs)
+    kernel_output = output
+    if found is not None and found[1].heads is not None:
+        if output.dim() != 4:
+            raise AttnScopeError(
+                f"{found[1].name!r} calls scaled_dot_product_attention without a heads axis "
+                f"(output {tuple(output.shape)}): there is no head to edit"
+            )
+        output = found[1].heads(found[0], output)
+    if any(session.wants_outputs for session in sessions):
+        innermost = next(iter(callers), None)
+        if innermost is not None:  # for an adapter recording that module after it returns
+            _kernel_outputs.value = (innermost, args, kwargs, kernel_output)
+    for session in sessions:
+        session.on_sdpa(callers, args, kwargs, kernel_output)
     return output
+
+
+_kernel_outputs = threading.local()
+
+
+def take_kernel_output(module: nn.Module) -> tuple[Tensor, Tensor] | None:
+    """The values and output of the last sdpa call ``module`` itself made on this thread (in
+    a capture that keeps gradients or norms), once: for the adapter that records ``module``
+    after its forward returns (``nn.MultiheadAttention``'s Python path calls sdpa)."""
+    last = getattr(_kernel_outputs, "value", None)
+    _kernel_outputs.value = None
+    if last is None or last[0] is not module:
+        return None
+    call = _SdpaArgs(*last[1], **last[2])
+    return call.value, last[3]
 
 
 _SDPA = Replacement(F, "scaled_dot_product_attention", _observed_sdpa)
@@ -291,7 +337,11 @@ class _SdpaSession(Session):
         self.paddings: list[tuple[str, Tensor]] = []  # (scope, padding) while the model runs
 
     def on_sdpa(
-        self, callers: Iterable[nn.Module], args: tuple[Any, ...], kwargs: dict[str, Any]
+        self,
+        callers: Iterable[nn.Module],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Tensor | None = None,
     ) -> None:
         found = self.owner(callers)
         if found is None or isinstance(found[0], nn.MultiheadAttention):
@@ -325,6 +375,7 @@ class _SdpaSession(Session):
             cross=frame is not None and frame.cross,
             kind=known,
             padded_queries=padded,
+            output=output,
         )
         if known is None:
             _warn_if_unsure(name, module, attention)
@@ -633,9 +684,11 @@ def sdpa_call(
     cross: bool = False,
     kind: str | None = None,
     padded_queries: Tensor | None = None,
+    output: Tensor | None = None,
 ) -> AttentionCall:
     """The kind, (batch, heads, query, key) shape and recompute of one sdpa call's weights;
-    rows as ``padded_rows`` says (``padded_queries``: (batch or 1, query), True at padding)."""
+    rows as ``padded_rows`` says (``padded_queries``: (batch or 1, query), True at padding).
+    With the kernel's ``output``, the call carries it and its values (gradients, norms)."""
     query, key = call.query, call.key
     if query.dim() == 3:
         query, key = query.unsqueeze(1), key.unsqueeze(1)
@@ -700,7 +753,28 @@ def sdpa_call(
             return blank_rows_(weights, blocked, padded_queries, rows)
 
     held = tuple(t for t in (query, key, mask) if t is not None)
-    return AttentionCall(kind, (batch, heads, queries, keys), query.dtype, compute, held, terms)
+    values = None
+    if not packed and call.value.dim() in (3, 4):
+        value = call.value if call.value.dim() == 4 else call.value.unsqueeze(1)
+
+        def values() -> Tensor:
+            if value.size(1) != heads:  # grouped-query attention: each head's own values
+                return value.repeat_interleave(heads // value.size(1), dim=1)
+            return value
+
+    kernel_output = None
+    if output is not None and not packed:
+        kernel_output = output if output.dim() == 4 else output.unsqueeze(1)
+    return AttentionCall(
+        kind,
+        (batch, heads, queries, keys),
+        query.dtype,
+        compute,
+        held,
+        terms,
+        values=values,
+        output=kernel_output,
+    )
 
 
 def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:

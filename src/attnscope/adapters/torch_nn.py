@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .. import pool
+from .. import edits, pool
 from ..calls import kind_of
 from ..errors import AttnScopeError
 from ..intercept import Proceed, observe
@@ -49,6 +49,7 @@ from ..padded_rows import blank_rows, blank_rows_, query_padding
 from ..recompute import additive_mask, causal_additive_mask, softmax_weights
 from . import torch_native
 from .base import AttentionCall, Recorder
+from .sdpa import take_kernel_output
 
 _MHA = nn.MultiheadAttention
 
@@ -167,6 +168,47 @@ def _owned_mask(
 
 
 def mha_call(
+    mha: nn.MultiheadAttention,
+    query: Tensor,
+    key: Tensor,
+    *,
+    value: Tensor | None = None,
+    **options: Any,
+) -> AttentionCall:
+    """``_mha_call`` (below); with ``value`` (as given to ``mha``), the call also gives its
+    per-head values, for norms."""
+    call = _mha_call(mha, query, key, **options)
+    if value is not None and not value.is_nested:
+        call.values = functools.partial(_mha_values, mha, value)
+    return call
+
+
+def _mha_values(mha: nn.MultiheadAttention, value: Tensor) -> Tensor:
+    """The per-head values ``F.multi_head_attention_forward`` computes from ``value``,
+    (batch, heads, S, head_dim), ``bias_v`` and ``add_zero_attn``'s key appended."""
+    with torch.no_grad():
+        embed, heads = mha.embed_dim, mha.num_heads
+        if value.dim() == 2:
+            value = value.unsqueeze(1)
+        elif mha.batch_first:
+            value = value.transpose(0, 1)
+        if mha._qkv_same_embed_dim:
+            assert mha.in_proj_weight is not None
+            w_v = mha.in_proj_weight[2 * embed :]
+        else:
+            w_v = mha.v_proj_weight
+        b_v = None if mha.in_proj_bias is None else mha.in_proj_bias[2 * embed :]
+        v = F.linear(value, w_v, b_v)
+        batch = v.size(1)
+        if mha.bias_v is not None:
+            v = torch.cat([v, mha.bias_v.to(v.dtype).repeat(1, batch, 1)])
+        v = v.view(v.size(0), batch, heads, mha.head_dim).permute(1, 2, 0, 3)
+        if mha.add_zero_attn:
+            v = torch.cat([v, v.new_zeros(batch, heads, 1, mha.head_dim)], dim=2)
+        return v
+
+
+def _mha_call(
     mha: nn.MultiheadAttention,
     query: Tensor,
     key: Tensor,
@@ -515,8 +557,9 @@ class _Session:
             module,
             bound["query"],
             bound["key"],
+            value=bound["value"] if self.recorder.wants_outputs else None,
             key_padding_mask=bound["key_padding_mask"],
-            attn_mask=bound["attn_mask"],
+            attn_mask=_knocked_out(module, bound["query"], bound["key"], bound["attn_mask"]),
             is_causal=bound["is_causal"],
             need_weights=bound["need_weights"],
             keep=self.recorder.keep,
@@ -525,6 +568,11 @@ class _Session:
             kernel_queries=kernel.qk,
             native_kernel=kernel.native,
         )
+        if self.recorder.wants_outputs:
+            ran = take_kernel_output(module)  # its Python path's sdpa call: values, output
+            if ran is not None and ran[1].dim() == 4:
+                value, call.output = ran
+                call.values = lambda: value
         self.recorder.record(self.names[id(module)], call)
         return output
 
@@ -557,6 +605,7 @@ class _Session:
             kernel_weights=kernel.weights,
             kernel_queries=kernel.qk,
             native_kernel=kernel.native,
+            values=self.recorder.wants_outputs,
         )
         self.recorder.record(self.names[id(attention)], call)
         return output
@@ -572,6 +621,26 @@ class _Session:
             return proceed()
         finally:
             self.encoders.pop()
+
+
+def _knocked_out(
+    mha: nn.Module, query: Tensor, key: Tensor, attn_mask: Tensor | None
+) -> Tensor | None:
+    """``attn_mask`` with the edges a knockout hides from ``mha`` (``attnscope.edits``): what
+    its Python path gave the kernel, so the recompute reads the same mask."""
+    knocked = edits.edges_of(mha)
+    if not knocked or query.is_nested:
+        return attn_mask
+    batch_first = getattr(mha, "batch_first", False) and query.dim() == 3
+    queries, keys = (query.size(1), key.size(1)) if batch_first else (query.size(0), key.size(0))
+    hidden = edits.edge_mask("", knocked, queries, keys, query.device)
+    if attn_mask is None:
+        return torch.zeros(hidden.shape, dtype=query.dtype, device=query.device).masked_fill_(
+            hidden, float("-inf")
+        )
+    if attn_mask.dtype == torch.bool:
+        return attn_mask | hidden
+    return attn_mask.masked_fill(hidden, float("-inf"))
 
 
 def _as_fused_bool(mask: Tensor | None) -> Tensor | None:
@@ -590,8 +659,10 @@ def encoder_layer_call(
     kernel_queries: tuple[Tensor, Tensor] | None = None,
     mask_copies: MaskCopies | None = None,
     native_kernel: bool = False,
+    values: bool = False,
 ) -> AttentionCall:
-    """The self-attention of an encoder layer as its slow path would have computed it.
+    """The self-attention of an encoder layer as its slow path would have computed it (with
+    ``values``, its per-head values too).
 
     On the nested-tensor path the layer sees neither padding nor the padded length; ``outer``
     (the enclosing ``nn.TransformerEncoder`` call) gives both back.
@@ -610,14 +681,18 @@ def encoder_layer_call(
             src_key_padding_mask = outer.padding
         else:
             src, src_key_padding_mask = _padding_from_nested(src)
-    if layer.norm_first and kernel_weights is None and kernel_queries is None:
+    attention_input = src
+    if layer.norm_first and ((kernel_weights is None and kernel_queries is None) or values):
         with torch.no_grad():
-            src = layer.norm1(src)
+            attention_input = layer.norm1(src)
+    if kernel_weights is None and kernel_queries is None:
+        src = attention_input
     # The fused kernel uses src_mask as given and ignores the is_causal hint: mirror it.
     return mha_call(
         layer.self_attn,
         src,
         src,
+        value=attention_input if values else None,
         key_padding_mask=src_key_padding_mask,
         attn_mask=src_mask,
         is_causal=False,
