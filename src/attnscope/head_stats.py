@@ -122,7 +122,11 @@ STATISTICS = ("entropy", "distance", "first", "previous", "self")
 
 
 def row_statistics(
-    weights: Tensor, query_mask: Tensor | None = None, key_mask: Tensor | None = None
+    weights: Tensor,
+    query_mask: Tensor | None = None,
+    key_mask: Tensor | None = None,
+    *,
+    scratch: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """Each query row's statistics, ``{name: (batch, heads, query)}`` for ``STATISTICS``.
 
@@ -135,6 +139,9 @@ def row_statistics(
     sits at that position (cross-attention over fewer keys). ``entropy`` is in nats. Rows of
     padded queries come out as numbers too; the caller leaves them out. Computed in the
     weights' dtype (float16 and bfloat16 in float32): nothing is kept beyond the call.
+    ``scratch``, a 1-D tensor of that dtype with at least ``weights.numel()`` elements, is
+    used for the two passes over the map instead of fresh memory (a caller measuring call
+    after call keeps one: a fresh map-sized buffer each time costs page faults).
 
     >>> w = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]]])
     >>> {k: v[0, 0].tolist() for k, v in row_statistics(w).items()}["previous"]
@@ -146,32 +153,29 @@ def row_statistics(
     """
     if weights.dtype not in (torch.float32, torch.float64):
         weights = weights.float()
-    batch, _, queries, keys = weights.shape
+    batch, heads, queries, keys = weights.shape
     device = weights.device
     query_pos = _positions(query_mask, batch, queries, device)  # (batch, query)
     key_pos = _positions(key_mask, batch, keys, device)  # (batch, key)
-    # key index of each valid position, per batch item (keys past the last: index `keys`)
+    # the key index at each valid position, per batch item; `keys` where there is none
     key_at = torch.full((batch, keys + 1), keys, dtype=torch.long, device=device)
-    valid_key = key_pos >= 0
     key_index = torch.arange(keys, device=device).expand(batch, keys)
-    key_at.scatter_(1, torch.where(valid_key, key_pos, keys), key_index)
+    key_at.scatter_(1, torch.where(key_pos >= 0, key_pos, keys), key_index)
     key_at[:, keys] = keys
 
-    log = torch.log(weights.clamp_min(torch.finfo(weights.dtype).tiny))  # 0 log 0 = 0
-    entropy = -log.mul_(weights).sum(dim=-1)
-    del log
-    apart = (query_pos.unsqueeze(-1) - key_pos.unsqueeze(-2)).abs().to(weights.dtype)
-    if bool((apart == apart[:1]).all()):  # the same layout for every item: one matrix
-        distance = torch.einsum("bhqk,qk->bhq", weights, apart[0])
-    else:
-        distance = torch.einsum("bhqk,bqk->bhq", weights, apart)
-    padded = torch.nn.functional.pad(weights, (0, 1))  # key `keys`: the zero weight of none
+    if scratch is None or scratch.numel() < weights.numel() or scratch.dtype != weights.dtype:
+        scratch = torch.empty(weights.numel(), dtype=weights.dtype, device=device)
+    work = scratch[: weights.numel()].view(weights.shape)
+    torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=work).log_()  # 0 log 0 = 0
+    entropy = work.mul_(weights).sum(dim=-1).neg_()
+    distance = torch.mul(weights, _apart(query_pos, key_pos, weights), out=work).sum(dim=-1)
 
-    def share(position: Tensor) -> Tensor:  # (batch, query) valid positions -> weights there
-        index = key_at.gather(1, position.clamp(0, keys)).masked_fill(position < 0, keys)
-        index = index.masked_fill(query_pos < 0, keys)
-        shape = (batch, weights.size(1), queries, 1)
-        return padded.gather(-1, index[:, None, :, None].expand(shape)).squeeze(-1)
+    def share(position: Tensor) -> Tensor:  # (batch, query) positions -> the weights there
+        index = key_at.gather(1, position.clamp(0, keys))
+        index = index.masked_fill((position < 0) | (query_pos < 0), keys)
+        exists = index < keys
+        index = index.clamp_max(keys - 1)[:, None, :, None].expand(batch, heads, queries, 1)
+        return weights.gather(-1, index).squeeze(-1) * exists[:, None, :]
 
     zeros = torch.zeros_like(query_pos)
     return {
@@ -181,6 +185,34 @@ def row_statistics(
         "previous": share(query_pos - 1),
         "self": share(query_pos),
     }
+
+
+def _apart(query_pos: Tensor, key_pos: Tensor, weights: Tensor) -> Tensor:
+    """``|p(i) - p(j)|``, broadcasting against the weights: one (query, key) matrix where the
+    layout is the same for every batch item (right padding, or the same left padding on both
+    sides), (batch, 1, query, key) otherwise."""
+    queries, keys = query_pos.size(1), key_pos.size(1)
+    device, dtype = weights.device, weights.dtype
+    offset_q, offset_k = _offset(query_pos), _offset(key_pos)
+    if offset_q is not None and offset_k is not None:  # p(i) = i - offset: one run of tokens
+        shift = offset_k - offset_q
+        steps = torch.arange(queries, device=device)[:, None] - torch.arange(keys, device=device)
+        if bool((shift == shift[0]).all()):
+            return (steps + shift[0]).abs().to(dtype)
+        return (steps + shift[:, None, None, None]).abs().to(dtype)
+    return (query_pos[:, None, :, None] - key_pos[:, None, None, :]).abs().to(dtype)
+
+
+def _offset(positions: Tensor) -> Tensor | None:
+    """Per batch item the ``o`` with ``p(i) = i - o`` for every valid token, or None when the
+    valid tokens are not one run (a mask with holes)."""
+    index = torch.arange(positions.size(1), device=positions.device)
+    valid = positions >= 0
+    offsets = torch.where(valid, index - positions, -1)
+    offset = offsets.amax(dim=-1)
+    if not bool(((offsets == offset[:, None]) | ~valid).all()):
+        return None
+    return offset.clamp_min(0)
 
 
 def _positions(mask: Tensor | None, batch: int, length: int, device: torch.device) -> Tensor:

@@ -165,6 +165,8 @@ class Accumulator:
         self._input: Tensor | None = None
         self._target: Tensor | None = None
         self._texts: dict[str, tuple[Tensor, Tensor]] = {}  # per-text sums, rows this batch
+        self._bins: tuple[Tensor, Tensor] | None = None
+        self._scratch: Tensor | None = None  # one map's worth, reused call after call
 
     def begin(self, ids: Tensor, input_mask: Tensor, target_mask: Tensor | None = None) -> None:
         """The next batch: its text ids (batch,), the input's mask (batch, length) and, for an
@@ -179,27 +181,35 @@ class Accumulator:
             raise AttnScopeError("Accumulator got weights outside begin()/end()")
         _, heads, queries, keys = weights.shape
         query_mask, key_mask = self._masks_of(name, kind, queries, keys)
-        per_row = row_statistics(weights, query_mask, key_mask)
-        values = torch.stack([per_row[s] for s in STATISTICS]).double()  # (stats, b, h, q)
+        dtype = weights.dtype if weights.dtype == torch.float64 else torch.float32
+        if self._scratch is None or self._scratch.numel() < weights.numel():
+            self._scratch = torch.empty(weights.numel(), dtype=dtype)
+        if self._scratch.dtype != dtype:
+            self._scratch = self._scratch.to(dtype)
+        per_row = row_statistics(weights, query_mask, key_mask, scratch=self._scratch)
+        values = torch.stack([per_row[s] for s in STATISTICS])  # (stats, b, h, q)
         del per_row
-        rows = query_mask.to(torch.float64)[None, :, None, :]  # (1, b, 1, q)
-        count = int(query_mask.sum())
         sums = self.modules.get(name)
         if sums is None:
             sums = self.modules[name] = HeadSums(kind, heads, self.top_k)
         elif sums.heads != heads:
             raise AttnScopeError(f"{name!r} was called with {sums.heads} and {heads} heads")
-        if count:
-            text_sums = (values * rows).sum(dim=-1)  # (stats, b, h)
-            mean = text_sums.sum(dim=1) / count  # (stats, h)
-            deviation = (values - mean[:, None, :, None]) * rows
-            sums.add_moments(count, mean, (deviation * deviation).sum(dim=(1, 3)))
-            sums.hist += self._histogram(values, query_mask, heads)
-            text_rows = query_mask.sum(dim=-1).to(torch.float64)  # (b,)
-            held = self._texts.get(name)
-            if held is not None:  # a module called again in this forward (shared weights)
-                text_sums, text_rows = held[0] + text_sums, held[1] + text_rows
-            self._texts[name] = (text_sums, text_rows)
+        count = int(query_mask.sum())
+        if not count:
+            return
+        rows = query_mask[:, None, :].to(values.dtype)  # (b, 1, q)
+        text_sums = (values * rows).sum(dim=-1, dtype=torch.float64)  # (stats, b, h)
+        valid = values.transpose(1, 2)[:, :, query_mask]  # (stats, h, rows)
+        exact = valid.double()
+        mean = exact.mean(dim=-1)
+        deviation = exact - mean[..., None]
+        sums.add_moments(count, mean, (deviation * deviation).sum(dim=-1))
+        sums.hist += self._histogram(valid, heads)
+        text_rows = query_mask.sum(dim=-1).to(torch.float64)  # (b,)
+        held = self._texts.get(name)
+        if held is not None:  # a module called again in this forward (shared weights)
+            text_sums, text_rows = held[0] + text_sums, held[1] + text_rows
+        self._texts[name] = (text_sums, text_rows)
 
     def end(self) -> None:
         """Close the batch: per-text means join each head's top-k."""
@@ -233,16 +243,19 @@ class Accumulator:
             "(exclude=)"
         )
 
-    def _histogram(self, values: Tensor, query_mask: Tensor, heads: int) -> Tensor:
-        stats = values.size(0)
-        lows = torch.tensor([self.ranges[s][0] for s in STATISTICS], dtype=torch.float64)
-        highs = torch.tensor([self.ranges[s][1] for s in STATISTICS], dtype=torch.float64)
-        scale = BINS / (highs - lows)
-        index = ((values - lows.view(-1, 1, 1, 1)) * scale.view(-1, 1, 1, 1)).floor()
-        index = index.clamp(0, BINS - 1).long()
-        offset = torch.arange(stats * heads).view(stats, 1, heads, 1) * BINS
-        flat = (index + offset)[query_mask[None, :, None, :].expand_as(index)]
-        return torch.bincount(flat, minlength=stats * heads * BINS).view(stats, heads, BINS)
+    def _histogram(self, valid: Tensor, heads: int) -> Tensor:
+        """Counts per (statistic, head, bin) of the valid rows' values (stats, heads, rows)."""
+        stats = valid.size(0)
+        if self._bins is None or self._bins[0].dtype != valid.dtype:
+            lows = torch.tensor([self.ranges[s][0] for s in STATISTICS], dtype=valid.dtype)
+            highs = torch.tensor([self.ranges[s][1] for s in STATISTICS], dtype=valid.dtype)
+            self._bins = (lows.view(-1, 1, 1), (BINS / (highs - lows)).view(-1, 1, 1))
+        low, scale = self._bins
+        index = ((valid - low) * scale).floor_().clamp_(0, BINS - 1).long()
+        index += torch.arange(stats * heads).view(stats, heads, 1) * BINS
+        return torch.bincount(index.view(-1), minlength=stats * heads * BINS).view(
+            stats, heads, BINS
+        )
 
     def merge(self, other: Accumulator) -> None:
         """Fold another accumulator's sums into this one (modules in first-seen order)."""
