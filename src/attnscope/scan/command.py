@@ -57,9 +57,10 @@ class ScanSummary:
     folder: Path
     records: int
     counts: dict[str, int]
-    seconds: float
+    seconds: float  # in all: checks, loading, computing, writing
     computed: int  # records computed by this run (the rest came from shard files)
     files: list[Path]
+    compute_seconds: float = 0.0  # computing those
 
 
 class TextProgress(Progress):
@@ -168,6 +169,7 @@ def run_scan(options: ScanOptions) -> ScanSummary:
         computed += records
 
     pending = shards_of(data.texts(), options.shard_size, done)
+    computing = time.perf_counter()
     if options.engine == "local":
         runner = ShardRunner(
             model,
@@ -193,10 +195,17 @@ def run_scan(options: ScanOptions) -> ScanSummary:
 
         run_ray(pending, spec, options.workers, options.address, on_done)
     progress.close()
+    compute_seconds = time.perf_counter() - computing
     covered, total = folder.merged()
     files = write_outputs(folder.path, total, settings)
     return ScanSummary(
-        folder.path, covered, total.counts(), time.perf_counter() - start, computed, files
+        folder.path,
+        covered,
+        total.counts(),
+        time.perf_counter() - start,
+        computed,
+        files,
+        compute_seconds,
     )
 
 
@@ -233,8 +242,12 @@ def summary(result: ScanSummary) -> str:
         )
     if counts["empty"]:
         lines.append(f"{counts['empty']} empty records were skipped")
-    rate = result.computed / result.seconds if result.seconds > 0 else 0.0
-    lines.append(f"{result.seconds:.1f} s, {rate:.1f} texts/s")
+    if result.computed:
+        rate = result.computed / result.compute_seconds if result.compute_seconds > 0 else 0.0
+        lines.append(
+            f"computed {result.computed} records in {result.compute_seconds:.1f} s "
+            f"({rate:.1f} texts/s); {result.seconds:.1f} s in all"
+        )
     lines.extend(f"wrote {path}" for path in result.files)
     return "\n".join(lines)
 
