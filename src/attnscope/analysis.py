@@ -123,8 +123,12 @@ def rollout(
     head_fusion: str = "mean",
     residual: bool = True,
     discard_ratio: float = 0.0,
+    weights: str = "attention",
 ) -> Tensor:
     """Attention rollout: (batch, query, key) from the last layer's tokens to the input tokens.
+
+    ``weights="norms"`` rolls out the norm-weighted maps of ``capture(model, norms=True)``
+    instead (``attn.norms``), each row first divided by its sum (a row summing to 0 stays 0).
 
     >>> uniform = torch.full((1, 1, 2, 2), 0.5)
     >>> maps = AttentionMaps.from_tensors({"l0": uniform, "l1": uniform})
@@ -132,11 +136,66 @@ def rollout(
     tensor([[0.6250, 0.3750],
             [0.3750, 0.6250]])
     """
+    if weights == "norms":
+        attn = norm_weighted(attn, kind)
+    elif weights != "attention":
+        raise AttnScopeError(f"weights= takes 'attention' or 'norms', got {weights!r}")
     layers, padded = layer_matrices(attn, kind, head_fusion, residual, discard_ratio)
     joint = layers[0]
     for matrix in layers[1:]:
         joint = matrix @ joint
     return joint.masked_fill(padded.unsqueeze(-1), 0.0)
+
+
+def norm_weighted(attn: AttentionMaps, kind: str | None = None) -> AttentionMaps:
+    """The norm-weighted maps ``attn.norms(name)`` of ``kind`` (all kinds if None), each row
+    divided by its sum: where each query's output comes from, by size (rows summing to 0 stay
+    0)."""
+    names = attn.names if kind is None else attn.select(kind=kind).names
+    calls: dict[str, list[Tensor]] = {}
+    for name in names:
+        calls[name] = []
+        for index in range(len(attn.calls(name))):
+            norms = attn.norms(name, call=index)
+            sums = norms.sum(dim=-1, keepdim=True)
+            calls[name].append(torch.where(sums > 0, norms / sums.clamp_min(1e-30), norms))
+    return attn._derive(names, calls)
+
+
+def grad_rollout(attn: AttentionMaps, *, kind: str = "self") -> Tensor:
+    """Gradient-weighted rollout (Chefer et al. 2021b, "Generic Attention-model
+    Explainability"): ``R = I``, then, layer by layer in call order, ``R ← R + Ā·R`` with
+    ``Ā = mean_h((∇A ⊙ A)⁺)``; (batch, query, key). Needs ``capture(model, grads=True)`` and a
+    backward of the quantity to explain inside the block.
+
+    >>> import torch
+    >>> layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)
+    >>> model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    >>> from attnscope import capture
+    >>> with capture(model, grads=True) as attn:
+    ...     model(torch.randn(1, 4, 8))[0, 0].sum().backward()
+    >>> grad_rollout(attn).shape
+    torch.Size([1, 4, 4])
+    """
+    if kind == "cross":
+        raise AttnScopeError(
+            "grad_rollout follows one stack's self-attention: kind='self'/'causal'"
+        )
+    maps = attn.select(kind=kind)
+    joint: Tensor | None = None
+    for name in maps.names:
+        weights, grad = attn[name], attn.grad(name)
+        if weights.size(-1) != weights.size(-2):
+            raise AttnScopeError(f"{name!r} is not square: grad_rollout needs the same tokens")
+        relevance = (grad.to(weights.dtype) * weights).clamp(min=0).mean(dim=1)
+        if joint is None:
+            eye = torch.eye(weights.size(-1), dtype=weights.dtype, device=weights.device)
+            joint = eye.expand_as(relevance).clone()
+        if relevance.shape != joint.shape:
+            raise AttnScopeError(f"{name!r} is {tuple(relevance.shape)}: layers differ in size")
+        joint = joint + relevance @ joint
+    assert joint is not None
+    return joint
 
 
 @dataclass(frozen=True)

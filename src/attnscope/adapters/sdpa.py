@@ -213,6 +213,11 @@ def take_kernel_output(module: nn.Module) -> tuple[Tensor, Tensor] | None:
 _SDPA = Replacement(F, "scaled_dot_product_attention", _observed_sdpa)
 
 
+def hold_edits(stack: ExitStack) -> None:
+    """Keep the stand-in in place until ``stack`` closes, for ``attnscope.edits`` alone."""
+    _SDPA.hold(stack)
+
+
 def _hold(session: _SdpaSession, stack: ExitStack) -> None:
     enlist(_sessions, session, stack)
     _SDPA.hold(stack)
