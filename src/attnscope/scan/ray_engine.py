@@ -79,17 +79,17 @@ def run_ray(
     ray = import_ray()
     started = False
     if not ray.is_initialized():
-        options: dict[str, Any] = {
-            "runtime_env": {"env_vars": WORKER_ENV},
-            "include_dashboard": False,
-            "logging_level": "warning",
-            "configure_logging": True,
-        }
+        environment = {"env_vars": WORKER_ENV}
         try:
             if address is None:
-                ray.init(num_cpus=workers, **options)
-            else:
-                ray.init(address=address, **options)
+                ray.init(
+                    num_cpus=workers,
+                    include_dashboard=False,
+                    logging_level="warning",
+                    runtime_env=environment,
+                )
+            else:  # Ray Client (ray://) takes fewer options than a local start
+                ray.init(address=address, runtime_env=environment)
         except (ConnectionError, RuntimeError, ValueError) as error:
             where = f"the Ray cluster at {address}" if address else "a local Ray cluster"
             raise AttnScopeError(f"could not start or join {where} ({error})") from None
