@@ -12,7 +12,7 @@ from .importance import head_importance
 from .interventions import ablate, knockout
 from .layers import TransformerDecoderLayerWithAttn, TransformerEncoderLayerWithAttn
 from .maps import AttentionMaps, load
-from .plot import plot_head, plot_heads, plot_layers
+from .plot import plot_head, plot_head_importance, plot_heads, plot_layers
 from .scan import scan  # pyarrow is imported when a table is built, not here
 from .view import AttentionPage, view
 
@@ -34,6 +34,7 @@ __all__ = [
     "knockout",
     "load",
     "plot_head",
+    "plot_head_importance",
     "plot_heads",
     "plot_layers",
     "register_adapter",

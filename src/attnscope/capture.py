@@ -161,7 +161,10 @@ class _Recorder:
                 f"{', '.join(OUTPUT_PROJECTIONS)}, and output.dense beside it); name it: "
                 f"capture(model, norms={{{name!r}: 'path.to.projection'}})"
             )
-        vector = value_norms(call.values(), projection, name)
+        try:
+            vector = value_norms(call.values(), projection, name)
+        except AttnScopeError as error:  # kept: the weights are fine, say it when read
+            return str(error).removeprefix("norms: ")
         if self.heads is not None:
             vector = vector[:, self.heads]
         return vector.to(device=self.to, dtype=self.dtype or vector.dtype)

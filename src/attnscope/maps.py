@@ -197,6 +197,35 @@ class AttentionMaps:
         weights = _resolve(self._calls[name][index])
         return weights * vector.to(weights.dtype)[:, :, None, :]
 
+    def weighted(self, by: str) -> AttentionMaps:
+        """The same modules' maps weighted another way, for every figure, view and analysis
+        that takes maps: ``by="grads"`` gives (∂L/∂A ⊙ A)⁺ per head (the relevance Chefer et
+        al. 2021b roll out; needs ``grads=True``), ``by="norms"`` gives A_ij·‖f_h(x_j)‖
+        (Kobayashi et al. 2020; needs ``norms=True``).
+
+        >>> import torch
+        >>> layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)
+        >>> model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+        >>> from attnscope import capture
+        >>> with torch.no_grad(), capture(model, norms=True) as attn:
+        ...     _ = model(torch.randn(1, 3, 8))
+        >>> attn.weighted("norms").names, attn.weighted("norms")["layers.0.self_attn"].shape
+        (['layers.0.self_attn'], torch.Size([1, 2, 3, 3]))
+        """
+        if by not in ("grads", "norms"):
+            raise AttnScopeError(f"weighted(by=...) takes 'grads' or 'norms', got {by!r}")
+        calls: dict[str, list[Tensor]] = {}
+        for name in self.names:
+            calls[name] = []
+            for index, weights in enumerate(self._calls[name]):
+                if by == "norms":
+                    calls[name].append(self.norms(name, call=index))
+                else:
+                    grad = self._pick(name, self._grads.get(name, []) or _no_grads(name), index)
+                    product = grad.grad().to(_resolve(weights).dtype) * _resolve(weights)
+                    calls[name].append(product.clamp(min=0))
+        return self._derive(self.names, calls)
+
     def _index(self, name: str, call: int | None) -> int:
         count = len(self._calls[name])
         if call is None:
@@ -783,6 +812,13 @@ def _check_tokens(tokens: Tokens | None, what: str) -> Tokens | None:
     ):
         return [[str(s) for s in t] for t in tokens]
     raise AttnScopeError(f"{what} must be a list of str or a list of lists of str")
+
+
+def _no_grads(name: str) -> list[GradSlot]:
+    raise AttnScopeError(
+        f"no gradients were kept for {name!r}: capture with attnscope.capture(model, "
+        "grads=True) and call loss.backward() inside the block"
+    )
 
 
 def _resolve(weights: Tensor | LazyWeights) -> Tensor:

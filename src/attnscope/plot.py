@@ -26,7 +26,7 @@ and the figure's title says which.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -332,6 +332,59 @@ def plot_layers(
     axis = "x: query, y: key" if transpose else "x: key, y: query"
     fig.suptitle(f"attention by layer and head ({kind or 'all kinds'}; {axis})", fontsize=10)
     return fig
+
+
+def plot_head_importance(
+    table: Iterable[Mapping[str, object]], *, cmap: str | Colormap = "Reds"
+) -> Figure:
+    """Head importance (``attnscope.head_importance``) as a modules × heads heatmap, each
+    cell annotated, modules (layers) as rows in the table's order.
+
+    >>> rows = [{"module": f"l{m}", "head": h, "importance": float(m + h)}
+    ...         for m in range(2) for h in range(3)]
+    >>> fig = plot_head_importance(rows)
+    >>> fig.axes[0].get_xlabel(), [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    ('head', ['l0', 'l1'])
+    """
+    rows = list(table)
+    if not rows or not all({"module", "head", "importance"} <= set(r) for r in rows):
+        raise AttnScopeError(
+            "plot_head_importance takes attnscope.head_importance(...)'s table: rows with "
+            "module, head and importance"
+        )
+    modules = list(dict.fromkeys(str(r["module"]) for r in rows))
+    heads = 1 + max(int(str(r["head"])) for r in rows)
+    grid = torch.full((len(modules), heads), float("nan"))
+    for r in rows:
+        grid[modules.index(str(r["module"])), int(str(r["head"]))] = float(str(r["importance"]))
+    fig = _figure(1.2 + 0.55 * heads, 1.0 + 0.4 * len(modules))
+    ax = fig.add_subplot()
+    image = ax.imshow(grid.numpy(), cmap=cmap, aspect="auto")
+    ax.set_xticks(range(heads))
+    ax.set_yticks(range(len(modules)), modules, fontsize=7)
+    ax.set_xlabel("head")
+    ax.set_ylabel("module")
+    top = float(torch.nan_to_num(grid, nan=0.0).max()) or 1.0
+    if len(modules) * heads <= 400:
+        for (m, h), value in ((index, float(grid[index])) for index in _cells(grid)):
+            ax.text(
+                h,
+                m,
+                f"{value:.2g}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if value > 0.6 * top else "black",
+            )
+    ax.set_title("head importance (Michel et al. 2019): sum of |dL/dxi|", fontsize=9)
+    _colorbar(fig, image, ax)
+    return fig
+
+
+def _cells(grid: Tensor) -> list[tuple[int, int]]:
+    return [
+        (m, h) for m in range(grid.size(0)) for h in range(grid.size(1)) if not grid[m, h].isnan()
+    ]
 
 
 def save_figures(attn: AttentionMaps, folder: str, *, batch: int = 0) -> list[str]:

@@ -1,0 +1,102 @@
+"""Gradient- and norm-weighted maps as views of the same modules (``attn.weighted``), the
+head-importance figure, and the options' bad input: against eager autograd and hand tables."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnscope
+import beyond_reference as br
+from attnscope import AttnScopeError
+from hf_models import _right_padding, build
+
+BATCH, SEQ, HIDDEN = 2, 9, 32
+
+
+def _bert(dtype: torch.dtype = torch.float64):  # type: ignore[no-untyped-def]
+    family = build("bert")
+    family.inputs["attention_mask"] = _right_padding(BATCH, SEQ, [9, 6])
+    family.model.to(dtype)
+    family.eager.to(dtype)
+    return family
+
+
+def _loss(out):  # type: ignore[no-untyped-def]
+    return br.projection_loss((BATCH, SEQ, HIDDEN))(out.last_hidden_state)
+
+
+def test_grad_weighted_maps_are_the_positive_relevance_of_eager_autograd() -> None:
+    f = _bert()
+    _, weights, grads = br.eager_attention_grads(f.eager, f.inputs, _loss)
+    with attnscope.capture(f.model, grads=True) as attn:
+        _loss(f.model(**f.inputs)).backward()
+    view = attn.weighted("grads")
+    assert view.names == attn.names
+    mask = f.inputs["attention_mask"]
+    for name, w, g in zip(attn.names, weights, grads, strict=True):
+        expected = (g * br.zero_padded_rows(w, mask)).clamp(min=0)
+        torch.testing.assert_close(view[name].double(), expected, rtol=1e-5, atol=1e-9)
+        assert view.kind(name) == attn.kind(name)
+    # the weighted maps feed every analysis: rollout of them runs and differs from plain
+    assert not torch.allclose(attnscope.rollout(view), attnscope.rollout(attn))
+
+
+def test_norm_weighted_view_is_attn_norms() -> None:
+    f = _bert()
+    with torch.no_grad(), attnscope.capture(f.model, norms=True) as attn:
+        f.model(**f.inputs)
+    view = attn.weighted("norms")
+    for name in attn.names:
+        assert torch.equal(view[name], attn.norms(name))
+
+
+def test_weighted_and_options_bad_input() -> None:
+    f = _bert(torch.float32)
+    with torch.no_grad(), attnscope.capture(f.model) as attn:
+        f.model(**f.inputs)
+    with pytest.raises(AttnScopeError, match="grads=True"):
+        attn.weighted("grads")
+    with pytest.raises(AttnScopeError, match="norms=True"):
+        attn.weighted("norms")
+    with pytest.raises(AttnScopeError, match="'grads' or 'norms'"):
+        attn.weighted("values")
+    with pytest.raises(AttnScopeError, match="norms="):
+        attnscope.capture(f.model, norms="yes").__enter__()
+    with pytest.raises(AttnScopeError, match="grads="):
+        attnscope.capture(f.model, grads=1).__enter__()  # type: ignore[arg-type]
+    with pytest.raises(AttnScopeError, match="'attention' or 'norms'"):
+        attnscope.rollout(attn, weights="grads")
+
+
+def test_norms_with_a_named_output_projection() -> None:
+    """A projection named by the user is used as named: naming the right one gives the same
+    norms as finding it; naming a wrong-shaped one is refused with the fix."""
+    f = _bert()
+    layer = "encoder.layer.0.attention.self"
+    named = {layer: "encoder.layer.0.attention.output.dense"}
+    with torch.no_grad():
+        with attnscope.capture(f.model, norms=True) as found:
+            f.model(**f.inputs)
+        with attnscope.capture(f.model, norms=named) as given:
+            f.model(**f.inputs)
+        wrong = {layer: "encoder.layer.0.output.dense"}  # the feed-forward's: 37 inputs
+        with attnscope.capture(f.model, norms=wrong) as bad:
+            f.model(**f.inputs)
+    torch.testing.assert_close(given.norms(layer), found.norms(layer))
+    with pytest.raises(AttnScopeError, match="does not take"):
+        bad.norms(layer)
+
+
+def test_head_importance_figure_shows_the_table() -> None:
+    pytest.importorskip("matplotlib")
+    rows = [
+        {"module": name, "head": head, "importance": float(3 * index + head)}
+        for index, name in enumerate(["a.0", "a.1"])
+        for head in range(3)
+    ]
+    fig = attnscope.plot_head_importance(rows)
+    shown = fig.axes[0].images[0].get_array()
+    assert shown.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
+    with pytest.raises(AttnScopeError, match="head_importance"):
+        attnscope.plot_head_importance([{"module": "a"}])
