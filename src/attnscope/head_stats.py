@@ -119,6 +119,7 @@ def _stats(weights: Tensor, kind: str) -> list[dict[str, object]]:
 
 
 STATISTICS = ("entropy", "distance", "first", "previous", "self")
+_CHUNK_BYTES = 1 << 19  # the share of a core's L2 cache a pass over the map works in
 
 
 def row_statistics(
@@ -139,9 +140,8 @@ def row_statistics(
     sits at that position (cross-attention over fewer keys). ``entropy`` is in nats. Rows of
     padded queries come out as numbers too; the caller leaves them out. Computed in the
     weights' dtype (float16 and bfloat16 in float32): nothing is kept beyond the call.
-    ``scratch``, a 1-D tensor of that dtype with at least ``weights.numel()`` elements, is
-    used for the two passes over the map instead of fresh memory (a caller measuring call
-    after call keeps one: a fresh map-sized buffer each time costs page faults).
+    ``scratch``, a 1-D tensor of that dtype, is the work buffer of the two passes over the map
+    when it is large enough (a caller measuring call after call keeps one).
 
     >>> w = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]]])
     >>> {k: v[0, 0].tolist() for k, v in row_statistics(w).items()}["previous"]
@@ -163,12 +163,27 @@ def row_statistics(
     key_at.scatter_(1, torch.where(key_pos >= 0, key_pos, keys), key_index)
     key_at[:, keys] = keys
 
-    if scratch is None or scratch.numel() < weights.numel() or scratch.dtype != weights.dtype:
-        scratch = torch.empty(weights.numel(), dtype=weights.dtype, device=device)
-    work = scratch[: weights.numel()].view(weights.shape)
-    torch.clamp_min(weights, torch.finfo(weights.dtype).tiny, out=work).log_()  # 0 log 0 = 0
-    entropy = work.mul_(weights).sum(dim=-1).neg_()
-    distance = torch.mul(weights, _apart(query_pos, key_pos, weights), out=work).sum(dim=-1)
+    apart = _apart(query_pos, key_pos, weights)
+    # Two passes over the map (entropy, distance), a few (item, head) maps at a time so that
+    # the work buffer stays in the cache: each pass reads and writes it several times.
+    shared = apart.dim() == 2  # one layout for all: chunks may cut across batch items
+    maps = weights.reshape(batch * heads, queries, keys) if shared else weights
+    entropy = torch.empty(maps.shape[:-1], dtype=weights.dtype, device=device)
+    distance = torch.empty_like(entropy)
+    one = maps[0].numel() * weights.element_size()
+    step = max(1, _CHUNK_BYTES // max(1, one))
+    if scratch is None or scratch.numel() < maps[:step].numel() or scratch.dtype != maps.dtype:
+        scratch = torch.empty(maps[:step].numel(), dtype=weights.dtype, device=device)
+    tiny = torch.finfo(weights.dtype).tiny
+    for start in range(0, maps.size(0), step):
+        part = maps[start : start + step]
+        work = scratch[: part.numel()].view(part.shape)
+        torch.clamp_min(part, tiny, out=work).log_()  # 0 log 0 = 0
+        torch.sum(work.mul_(part), dim=-1, out=entropy[start : start + step])
+        near = apart if shared else apart[start : start + step]
+        torch.sum(torch.mul(part, near, out=work), dim=-1, out=distance[start : start + step])
+    entropy, distance = entropy.view(batch, heads, queries), distance.view(batch, heads, queries)
+    entropy.neg_()
 
     def share(position: Tensor) -> Tensor:  # (batch, query) positions -> the weights there
         index = key_at.gather(1, position.clamp(0, keys))
