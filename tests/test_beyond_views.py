@@ -100,3 +100,44 @@ def test_head_importance_figure_shows_the_table() -> None:
     assert shown.tolist() == [[0.0, 1.0, 2.0], [3.0, 4.0, 5.0]]
     with pytest.raises(AttnScopeError, match="head_importance"):
         attnscope.plot_head_importance([{"module": "a"}])
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_grads_of_an_eager_implementation_are_its_own_weights_gradient(name: str) -> None:
+    """An eager model forms A itself: the gradient reaching that very tensor is ∂L/∂A."""
+    f = build(name)
+    f.eager.double()
+    mask = f.inputs["attention_mask"] = _right_padding(BATCH, SEQ, [9, 6])
+    _, _, reference = br.eager_attention_grads(f.eager, f.inputs, _loss)
+    with attnscope.capture(f.eager, grads=True) as attn:
+        _loss(f.eager(**f.inputs)).backward()
+    assert len(attn.names) == len(reference) == 2
+    for layer, expected in zip(attn.names, reference, strict=True):
+        torch.testing.assert_close(attn.grad(layer), expected, rtol=1e-7, atol=1e-12)
+        assert expected[mask.bool()[:, None, :, None].expand_as(expected)].abs().max() > 1e-4
+
+
+def test_grads_of_hand_written_attention() -> None:
+    """A module that computes softmax(q kᵀ) itself and multiplies by it (found by what runs):
+    its gradient is autograd's through the same computation."""
+
+    class Hand(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = torch.nn.Linear(8, 24)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            q, k, v = self.qkv(x).view(1, 5, 3, 2, 4).permute(2, 0, 3, 1, 4)
+            weights = (q @ k.transpose(-1, -2) / 2.0).softmax(dim=-1)
+            self.seen = weights
+            return (weights @ v).sum()
+
+    torch.manual_seed(0)
+    model = Hand().double()
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    out = model(x)
+    (expected,) = torch.autograd.grad(out, model.seen)
+    with attnscope.capture(model, grads=True) as attn:
+        model(x).backward()
+    (name,) = attn.names
+    torch.testing.assert_close(attn.grad(name), expected, rtol=1e-10, atol=1e-12)

@@ -6,9 +6,9 @@ Design note
 Gradients (``capture(grads=True)``). A kernel that never forms the weights A still gives
 ∂L/∂A exactly: its per-head output is O = A·V, so ∂L/∂A = ∂L/∂O · Vᵀ. Each call's record keeps
 its values V (detached) and registers a hook on O that keeps ∂L/∂O when a backward inside the
-block reaches it; ``grad()`` multiplies the two when read. The hooks are removed when the block
-ends, so nothing of attnscope stays on the graph. Where a model computes A itself (a
-hand-written softmax), O is the product of that A, and the same formula holds.
+block reaches it; ``grad()`` multiplies the two when read. Where a model forms A itself (an
+eager implementation, a hand-written softmax), the hook is on that A: its gradient is ∂L/∂A.
+The hooks are removed when the block ends, so nothing of attnscope stays on the graph.
 
 Norms (``capture(norms=True)``, Kobayashi et al. 2020, "Attention is not only a weight"). The
 output of head h at query i is Σ_j A_ij f_h(x_j), f_h(x) = (x W_V^h + b_V^h) W_O^h: the value
@@ -35,14 +35,24 @@ the module, then as ``output.dense`` or the same names on its parent (BERT's
 class GradSlot:
     """One call's ∂L/∂A, from its values and the gradient that reaches its kernel's output."""
 
-    def __init__(self, name: str, values: Tensor | None, output: Tensor | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        values: Tensor | None,
+        output: Tensor | None,
+        weights: Tensor | None = None,
+    ) -> None:
         self.name = name
         self.values = None if values is None else values.detach()
-        self.d_output: Tensor | None = None
+        self.d_output: Tensor | None = None  # ∂L/∂O, or ∂L/∂A itself for ``weights``
+        self.direct = False
         self.select: Callable[[Tensor], Tensor] = lambda grad: grad  # the capture's options
         self.handle = None
         if output is not None and output.requires_grad and self.values is not None:
             self.handle = output.register_hook(self._receive)
+        elif weights is not None and weights.requires_grad:  # the model's own A, on the graph
+            self.direct = True
+            self.handle = weights.register_hook(self._receive)
 
     def _receive(self, grad: Tensor) -> None:
         grad = grad.detach()
@@ -66,6 +76,8 @@ class GradSlot:
                 f"{self.name!r}: no backward reached this call inside the capture block; call "
                 "loss.backward() inside `with attnscope.capture(model, grads=True) as attn:`"
             )
+        if self.direct:
+            return self.select(self.d_output)
         assert self.values is not None
         return self.select(torch.matmul(self.d_output, self.values.transpose(-1, -2)))
 

@@ -87,6 +87,8 @@ class AttentionCall:
     ``values()`` gives the per-head values the weights multiply, (batch, heads, key, dim), and
     ``output`` is the kernel's per-head output (batch, heads, query, dim), on the autograd
     graph when the forward builds one: what gradients (``∂L/∂A = ∂L/∂O · Vᵀ``) and norms need.
+    ``grad_of`` is, where the model formed the weights itself, that tensor on the graph: its
+    gradient is ∂L/∂A.
     """
 
     kind: str
@@ -97,6 +99,7 @@ class AttentionCall:
     terms: Callable[[], tuple[Tensor, Tensor]] | None = None
     values: Callable[[], Tensor] | None = None
     output: Tensor | None = None
+    grad_of: Tensor | None = None
 
     @classmethod
     def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:

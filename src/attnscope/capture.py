@@ -144,7 +144,8 @@ class _Recorder:
         def select(grad: Tensor) -> Tensor:
             return finish(grad if rows is None else grad[:, :, rows], heads, to, dtype)
 
-        slot = GradSlot(name, None if call.values is None else call.values(), call.output)
+        values = None if call.values is None else call.values()
+        slot = GradSlot(name, values, call.output, call.grad_of)
         slot.select = select
         self.slots.append(slot)
         return slot

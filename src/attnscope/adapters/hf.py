@@ -128,7 +128,8 @@ def implementation(module: nn.Module) -> str | None:
 
 def eager_weights(output: Any) -> Tensor | None:
     """The last 4-D tensor in a module's output whose rows are sub-distributions (eager
-    weights: non-negative, each row summing to at most 1, below 1 where a sink takes part)."""
+    weights: non-negative, each row summing to at most 1, below 1 where a sink takes part), as
+    the module returned it (on the autograd graph, for gradients)."""
     if not isinstance(output, tuple):
         return None
     for item in reversed(output):
@@ -137,7 +138,7 @@ def eager_weights(output: Any) -> Tensor | None:
             # rows may sum below 1: attention sinks take their share outside the keys
             sums = values.sum(-1)
             if bool((values >= 0).all()) and bool((sums < 1 + 1e-3).all()):
-                return item.detach()
+                return item
     return None
 
 

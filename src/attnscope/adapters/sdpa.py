@@ -477,11 +477,20 @@ class _SdpaSession(Session):
             maps = _heads_first(product, module)
             if maps is not None:
                 frame = _Frame(module, cross, mask if masks else None)
-                self._record_map(name, module, frame, maps.detach().clone())
+                self._record_map(name, module, frame, maps.detach().clone(), on_graph=maps)
 
         return finish
 
-    def _record_map(self, name: str, module: nn.Module, frame: _Frame, weights: Tensor) -> None:
+    def _record_map(
+        self,
+        name: str,
+        module: nn.Module,
+        frame: _Frame,
+        weights: Tensor,
+        on_graph: Tensor | None = None,
+    ) -> None:
+        """Record weights a module computed itself; ``on_graph`` is that very tensor as the
+        model multiplied it, whose gradient is ∂L/∂A (``capture(grads=True)``)."""
         kind = self.kinds.get(id(module))
         if kind is None:
             causal = bool(getattr(module, "is_causal", False))
@@ -494,8 +503,12 @@ class _SdpaSession(Session):
             else self._padded_queries(name, batch, queries, keys, kind == "causal")
         )
         mask = frame.mask if frame.mask is not None and frame.mask.dim() == 4 else None
-        weights = blank_rows(weights, _hidden_of_computed(weights, mask), padded)
-        self.recorder.record(name, AttentionCall.of_weights(kind, weights))
+        with torch.no_grad():  # nothing of attnscope on the model's graph
+            weights = blank_rows(weights.detach(), _hidden_of_computed(weights, mask), padded)
+        call = AttentionCall.of_weights(kind, weights)
+        if on_graph is not None and on_graph.requires_grad and on_graph.shape == weights.shape:
+            call.grad_of = on_graph
+        self.recorder.record(name, call)
 
     def observe_attention_module(
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
@@ -562,7 +575,7 @@ class _SdpaSession(Session):
                 "make the module call torch.nn.functional.scaled_dot_product_attention; if it "
                 f"computes no attention, leave it out with capture(model, exclude={name!r})"
             )
-        self._record_map(name, module, frame, weights)
+        self._record_map(name, module, frame, weights, on_graph=weights)
         if frame.unmapped:  # it returned one map, and computed others that are not
             why = _PARTLY.format(cls=type(module).__name__, shapes=frame.left_out())
             self.recorder.skip(name, why)
