@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -141,7 +142,12 @@ def main() -> None:
         start = time.perf_counter()
         html, what = build(folder)
         pages[name] = (html, what, time.perf_counter() - start)
-    report: dict[str, object] = {"benchmark": "view_open", "targets": "open < 2 s, hover < 50 ms"}
+    report: dict[str, object] = {
+        "benchmark": "view_open",
+        "targets": "open < 2 s, hover < 50 ms",
+        "cpus": os.cpu_count(),
+        "load_average_1min_before": round(os.getloadavg()[0], 2),  # other work on the machine
+    }
     with sync_playwright() as p:
         browser = p.chromium.launch(
             executable_path="/usr/bin/chromium", args=["--no-sandbox", "--disable-gpu"]
@@ -153,6 +159,7 @@ def main() -> None:
                 **measure(browser, html, args.repeats, hover=name == "scale"),
             }
         browser.close()
+    report["load_average_1min_after"] = round(os.getloadavg()[0], 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

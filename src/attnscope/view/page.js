@@ -393,8 +393,9 @@ function attnscopeRender(rootId, given) {
     tooltip.textContent = text;
     tooltip.style.display = "block";
     var box = matrixPanel.getBoundingClientRect();  // the tooltip's positioned parent
-    tooltip.style.left = (event.clientX - box.left + 12) + "px";
-    tooltip.style.top = (event.clientY - box.top + 12) + "px";
+    // moved by a transform: its own layer slides, nothing under it is painted again
+    tooltip.style.transform = "translate(" + (event.clientX - box.left + 12) + "px, " +
+      (event.clientY - box.top + 12) + "px)";
   });
   matrix.addEventListener("mouseleave", function () { tooltip.style.display = "none"; });
   matrix.addEventListener("click", function (event) {  // a row opens in the query/key view
@@ -651,5 +652,10 @@ function attnscopeRender(rootId, given) {
     });
   }
   choose(0, 0);
+  // lay the tooltip out once now, so that the first hover does not pay for its styles
+  tooltip.style.visibility = "hidden"; tooltip.style.display = "block";
+  tooltip.textContent = "query 0 \u2192 key 0: 0.0000";
+  void tooltip.offsetHeight;
+  tooltip.style.display = "none"; tooltip.style.visibility = "";
   root.dataset.ready = "true";
 }
