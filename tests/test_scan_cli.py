@@ -82,7 +82,8 @@ def test_top_texts_are_the_highest_per_text_means(folder: Path, tmp_path: Path) 
             best = sorted(entry["texts"][stat], key=lambda t: (-t[0], t[1]))[:3]
             assert [r["value"] for r in got] == pytest.approx([v for v, _ in best], rel=1e-5)
             # ids of input rows; near-ties may swap between kernels, values may not
-            assert {r["text"] for r in got} <= {t for _, t in entry["texts"][stat]}
+            assert {r["id"] for r in got} <= {t for _, t in entry["texts"][stat]}
+            assert [r["text"] for r in got] == [TEXTS[r["id"]] for r in got]
 
 
 def test_report_is_offline_and_shows_every_head(folder: Path, tmp_path: Path) -> None:

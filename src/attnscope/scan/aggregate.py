@@ -305,6 +305,6 @@ class Accumulator:
                             "head": head,
                             "statistic": stat,
                             "rank": rank,
-                            "text": int(text),
+                            "id": int(text),
                             "value": float(value),
                         }

@@ -20,7 +20,7 @@ from ..serialization import write_atomically
 from .engine import ShardResult, ShardRunner
 from .reader import TextFile, import_pyarrow_parquet, open_texts
 from .store import ScanFolder, shards_of
-from .tables import heads_table, top_table
+from .tables import heads_table, top_ids, top_table
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -197,7 +197,7 @@ def run_scan(options: ScanOptions) -> ScanSummary:
     progress.close()
     compute_seconds = time.perf_counter() - computing
     covered, total = folder.merged()
-    files = write_outputs(folder.path, total, settings)
+    files = write_outputs(folder.path, total, settings, data)
     return ScanSummary(
         folder.path,
         covered,
@@ -209,11 +209,14 @@ def run_scan(options: ScanOptions) -> ScanSummary:
     )
 
 
-def write_outputs(folder: Path, total: ShardResult, settings: dict[str, Any]) -> list[Path]:
+def write_outputs(
+    folder: Path, total: ShardResult, settings: dict[str, Any], data: TextFile
+) -> list[Path]:
     """``heads.parquet``, ``top.parquet`` and ``report.html``, each written atomically."""
     pq = import_pyarrow_parquet()
     heads = heads_table(total.sums, total.counts())
-    top = top_table(total.sums)
+    wanted = top_ids(total.sums)  # one more pass over the file: the top texts themselves
+    top = top_table(total.sums, {i: t or "" for i, t in data.texts() if i in wanted})
     written = []
     for name, table in (("heads.parquet", heads), ("top.parquet", top)):
 

@@ -17,7 +17,7 @@ HEAD_COLUMNS = (
     *STATISTICS,
     *(f"{s}_std" for s in STATISTICS),
 )
-TOP_COLUMNS = ("module", "head", "statistic", "rank", "text", "value")
+TOP_COLUMNS = ("module", "head", "statistic", "rank", "id", "value", "text")
 
 
 def import_pyarrow() -> Any:
@@ -48,20 +48,31 @@ def heads_table(sums: Accumulator, counts: dict[str, int]) -> Any:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def top_table(sums: Accumulator) -> Any:
-    """Per (module, head, statistic) the top-k texts by their mean, rank 1 the highest."""
+def top_table(sums: Accumulator, texts: dict[int, str] | None = None) -> Any:
+    """Per (module, head, statistic) the top-k texts by their mean, rank 1 the highest:
+    ``id`` the input record's index, ``value`` the text's mean, ``text`` the text (from
+    ``texts``, by id; cut to 500 characters)."""
     pa = import_pyarrow()
+    rows = list(sums.top_rows())
+    for row in rows:
+        row["text"] = None if texts is None else texts.get(row["id"], "")[:500]
     schema = pa.schema(
         [
             ("module", pa.string()),
             ("head", pa.int64()),
             ("statistic", pa.string()),
             ("rank", pa.int64()),
-            ("text", pa.int64()),
+            ("id", pa.int64()),
             ("value", pa.float64()),
+            ("text", pa.string()),
         ]
     )
-    return pa.Table.from_pylist(list(sums.top_rows()), schema=schema)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def top_ids(sums: Accumulator) -> set[int]:
+    """The ids of every text in some head's top-k."""
+    return {int(i) for s in sums.modules.values() for i in s.top_text.flatten().tolist()}
 
 
 def counts_of(table: Any) -> dict[str, int]:
