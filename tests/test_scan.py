@@ -184,3 +184,17 @@ def test_sums_stay_the_same_size_however_many_texts() -> None:
         sizes.append(sum(t.numel() for t in held))
     assert sizes[0] == sizes[1] == 5 * 2 * (2 + 40 + 2 + 2)
     assert isinstance(HeadSums("self", 2, 2).mean, torch.Tensor)
+
+
+def test_bfloat16_maps_are_measured_in_float32(tok) -> None:  # type: ignore[no-untyped-def]
+    model = tiny("bert", torch.bfloat16)
+    want = expected_rows(alone(model, tok, TEXTS[:3]))  # from the bfloat16 maps, in float64
+    got = attnscope.scan(model, tok, TEXTS[:3], batch_size=1).to_pylist()
+    assert_rows_close(got, want, rtol=1e-5)
+
+
+def test_a_call_over_other_positions_is_refused_by_name() -> None:
+    acc = Accumulator(max_length=8, top_k=2)
+    acc.begin(torch.tensor([0]), torch.ones(1, 4, dtype=torch.bool))
+    with pytest.raises(attnscope.AttnScopeError, match=r"'pool' attends from 2 to 4 .*exclude="):
+        acc("pool", "self", torch.full((1, 1, 2, 4), 0.25))
