@@ -145,6 +145,10 @@ def run_scan(options: ScanOptions) -> ScanSummary:
     start = time.perf_counter()
     check_options(options)
     import_pyarrow_parquet()  # before any work: the tables need it
+    if options.engine == "ray":
+        from .ray_engine import import_ray
+
+        import_ray()
     data = open_texts(options.data, options.text_field, options.limit)
     folder_path = model_folder(options.model)
     shards = -(-data.records // options.shard_size)
