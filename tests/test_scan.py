@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -198,3 +200,15 @@ def test_a_call_over_other_positions_is_refused_by_name() -> None:
     acc.begin(torch.tensor([0]), torch.ones(1, 4, dtype=torch.bool))
     with pytest.raises(attnscope.AttnScopeError, match=r"'pool' attends from 2 to 4 .*exclude="):
         acc("pool", "self", torch.full((1, 1, 2, 4), 0.25))
+
+
+def test_pyarrow_is_an_extra_imported_only_when_a_table_is_built(
+    tok,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    code = "import sys, attnscope; print(sorted({'pyarrow', 'ray'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
+    with pytest.raises(attnscope.AttnScopeError, match=r"pip install 'attnscope\[scan\]'"):
+        attnscope.scan(tiny("bert"), tok, ["Hello"])
