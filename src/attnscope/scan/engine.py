@@ -125,6 +125,14 @@ class ShardRunner:
         if not texts:
             return result
         rows, result.truncated = self._tokenize([t for _, t in texts])
+        tokenless = [n for n, row in enumerate(rows) if not row["input_ids"]]
+        if tokenless:  # only characters the tokenizer drops: no text either
+            result.empty += len(tokenless)
+            dropped = set(tokenless)
+            texts = [t for n, t in enumerate(texts) if n not in dropped]
+            rows = [r for r in rows if r["input_ids"]]
+            if not texts:
+                return result
         order = sorted(range(len(texts)), key=lambda n: (len(rows[n]["input_ids"]), texts[n][0]))
         with (
             torch.no_grad(),
@@ -178,10 +186,6 @@ class ShardRunner:
         for n in range(len(texts)):
             source, at = (short, cut[n]) if n in cut else (full, n)
             rows.append({k: list(source[k][at]) for k in keys})
-        if any(not row["input_ids"] for row in rows):
-            raise AttnScopeError(
-                "the tokenizer turned a text into no tokens at all; the model cannot run on it"
-            )
         return rows, len(over)
 
     def _pad(self, rows: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
