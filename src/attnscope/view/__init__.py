@@ -19,14 +19,17 @@ float32 values ride along for hover while they fit ``exact_bytes``. Every head a
 max-pooled thumbnail (at most 64 x 64). When the full maps would pass ``max_bytes`` (default
 64 MB), full resolution is kept only for the selected heads, and the page says so.
 
-Inputs the page cannot show (no modules, an empty axis, no heads, NaN weights, a budget or
-``full_heads`` that make no sense) are refused up front with an ``AttnScopeError`` that says
-what to do (all but NaN before any weight is computed), never with a broken page.
+A capture with gradients or value norms adds their weighted maps (``attn.weighted``) as map
+sets of the same modules (``weighting``), each quantised to its own maximum (``encoding``):
+``max_bytes`` covers every set, and a head kept at full resolution is kept in each of them, so
+switching sets never changes what is shown at what resolution.
+
+The data itself (quantised maps of each map set, thumbnails, labels, the budget) is made by
+``data.page_data``.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import itertools
 import json
@@ -37,17 +40,11 @@ from collections.abc import Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F  # noqa: N812
-from torch import Tensor
-
 from ..errors import AttnScopeError
 from ..maps import AttentionMaps
-from .aids import query_keys, word_entry
+from .data import DEFAULT_EXACT_BYTES, DEFAULT_MAX_BYTES, page_data
+from .importance import importance_panel
 
-DEFAULT_MAX_BYTES = 64 * 2**20
-DEFAULT_EXACT_BYTES = 8 * 2**20
-THUMB = 64
 _ids = itertools.count()
 _ELEMENT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _JSON_ESCAPES = (
@@ -109,10 +106,20 @@ def view(
     full_heads: Iterable[tuple[str, int]] | None = None,
     stats: Iterable[dict[str, object]] | None = None,
     qk_bytes: int = DEFAULT_EXACT_BYTES,
+    weights: str | Iterable[str] | None = None,
+    importance: object = None,
 ) -> AttentionPage:
     """An interactive page of ``attn`` for one batch item: head view, model view, matrix view.
 
-    ``stats`` (e.g. ``attnscope.head_stats(attn)``) adds a table of per-head statistics.
+    ``stats`` (e.g. ``attnscope.head_stats(attn)``) adds a table of per-head statistics;
+    ``importance`` (``attnscope.head_importance(...)``, or its rows) a layers x heads heatmap
+    whose cells open their head in the other views.
+
+    ``weights`` chooses the map sets a selector switches every view between: ``"attention"``,
+    ``"grads"`` (``attn.weighted("grads")``, needs ``capture(model, grads=True)`` and a
+    backward) and ``"norms"`` (``attn.weighted("norms")``, needs ``norms=True``); default:
+    attention and every weighted set the capture kept. Weighted maps are quantised to each
+    head's maximum; tooltips show their true values.
 
     ``full_heads`` chooses the (name, head) pairs kept at full resolution when the maps would
     pass ``max_bytes`` (default: every head of the first module, then as many as fit).
@@ -121,6 +128,7 @@ def view(
     lazy capture (``capture(model, lazy=True)``) adds the query/key view, its q and k embedded
     while they fit ``qk_bytes``; the matrix view exports as PNG and SVG.
 
+    >>> import torch
     >>> maps = AttentionMaps.from_tensors({"layer": torch.full((1, 2, 3, 3), 1 / 3)})
     >>> page = view(maps.with_tokens(["a", "b", "c"]), element_id="demo")
     >>> "attnscope-demo" in page._repr_html_()
@@ -136,10 +144,13 @@ def view(
         exact_bytes=exact_bytes,
         full_heads=full_heads,
         qk_bytes=qk_bytes,
+        weights=weights,
     )
     data["title"] = title
     if stats is not None:
         data["table"] = _table(stats)
+    if importance is not None:
+        data["importance"] = importance_panel(importance, attn.names)
     return AttentionPage(_fragment(root, data), title)
 
 
@@ -217,204 +228,6 @@ def safe_json(value: object) -> str:
 
 def _asset(name: str) -> str:
     return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
-
-
-def page_data(
-    attn: AttentionMaps,
-    *,
-    batch: int = 0,
-    max_bytes: int = DEFAULT_MAX_BYTES,
-    exact_bytes: int = DEFAULT_EXACT_BYTES,
-    full_heads: Iterable[tuple[str, int]] | None = None,
-    qk_bytes: int = DEFAULT_EXACT_BYTES,
-) -> dict[str, object]:
-    """The page's data: quantised maps, thumbnails, labels, and what was left out."""
-    _check(attn, batch, max_bytes, exact_bytes)
-    if isinstance(qk_bytes, bool) or not isinstance(qk_bytes, int) or qk_bytes < 0:
-        raise AttnScopeError(f"qk_bytes={qk_bytes!r}: give a whole number of bytes, at least 0")
-    qk_left, qk_missing = qk_bytes, []
-    wanted = None if full_heads is None else _full_heads(attn, full_heads)
-    shown = {name: attn.display(name) for name in attn.names}
-    tensors = {name: displayed.weights for name, displayed in shown.items()}
-    sizes = {name: w.size(1) * w.size(2) * w.size(3) for name, w in tensors.items()}
-    total = sum(sizes.values())
-    fits = total * 4 // 3 <= max_bytes
-    chosen = _choose_full(tensors, sizes, max_bytes, wanted) if not fits else None
-    exact = fits and total * 4 * 4 // 3 <= exact_bytes
-    maps = []
-    for name, weights in tensors.items():
-        single = weights[batch].detach().to("cpu", torch.float32)
-        if not bool(torch.isfinite(single).all()):  # NaN would quantise to arbitrary bytes
-            raise AttnScopeError(
-                f"{name!r} has NaN or infinite weights in batch item {batch}; the page shows "
-                "probabilities in [0, 1]. Clean them first, e.g. "
-                "torch.nan_to_num(weights, nan=0.0, posinf=1.0)"
-            )
-        single = single.clamp(0, 1)
-        query_labels, key_labels = attn.labels(name, batch)
-        heads = single.size(0)
-        entry: dict[str, object] = {
-            "name": name,
-            "kind": attn.kind(name),
-            "heads": heads,
-            "q": single.size(1),
-            "k": single.size(2),
-            "qlabels": _labels(query_labels, single.size(1)),
-            "klabels": _labels(key_labels, single.size(2)),
-            "thumb": _thumbnails(single),
-            "data": [
-                _b64(_quantise(single[h])) if fits or (name, h) in (chosen or set()) else None
-                for h in range(heads)
-            ],
-        }
-        if exact:
-            entry["exact"] = [_b64(single[h].contiguous().numpy().tobytes()) for h in range(heads)]
-        for axis, labels in (("qwords", entry["qlabels"]), ("kwords", entry["klabels"])):
-            words = word_entry(labels)  # type: ignore[arg-type]
-            if words is not None:
-                entry[axis] = words
-        qk, cost, missing = query_keys(attn, name, batch, qk_left)
-        if qk is not None:
-            entry["qk"], qk_left = qk, qk_left - cost
-        elif missing:
-            qk_missing.append(missing)
-        maps.append(entry)
-    note = ""
-    if not fits:
-        kept = len(chosen or ())
-        note = (
-            f"The full maps need {total * 4 // 3 / 2**20:.1f} MB, over this page's budget of "
-            f"{max_bytes / 2**20:.1f} MB: every head is shown as a pooled thumbnail, and "
-            f"{kept} selected head(s) at full resolution."
-        )
-    repeated = [f"{name}: {d.note}" for name, d in shown.items() if d.note.startswith("last")]
-    if repeated:  # said on the page too, not only as a warning in the notebook
-        note = " ".join(
-            [
-                *([note] if note else []),
-                "Called several times, not incremental decoding; "
-                f"showing the last call ({'; '.join(repeated)}).",
-            ]
-        )
-    if qk_missing:
-        note = " ".join(
-            [*([note] if note else []), "No query/key view for " + "; ".join(qk_missing) + "."]
-        )
-    return {"version": 1, "batch": batch, "maps": maps, "note": note, "exact": exact}
-
-
-def _check(attn: AttentionMaps, batch: int, max_bytes: int, exact_bytes: int) -> None:
-    """Refuse, before computing anything, what would end in an internal error or a broken page."""
-    if not isinstance(attn, AttentionMaps):
-        raise AttnScopeError(f"view() takes an AttentionMaps, got {type(attn).__name__}")
-    if len(attn) == 0:
-        raise AttnScopeError(
-            "nothing to show: this AttentionMaps is empty. Call the model inside "
-            "`with attnscope.capture(model) as attn:`, and check that include/exclude keep at "
-            "least one attention module"
-        )
-    for what, value, least in (("max_bytes", max_bytes, 1), ("exact_bytes", exact_bytes, 0)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < least:
-            raise AttnScopeError(
-                f"{what}={value!r}: give a whole number of bytes, at least {least} "
-                f"(default {DEFAULT_MAX_BYTES if what == 'max_bytes' else DEFAULT_EXACT_BYTES})"
-            )
-    if isinstance(batch, bool) or not isinstance(batch, int):
-        raise AttnScopeError(f"batch must be an int (a batch item's index), got {batch!r}")
-    for name in attn.names:
-        size, heads, queries, keys = attn._shape(name)
-        if not 0 <= batch < size:
-            raise AttnScopeError(
-                f"batch={batch} but {name!r} has {size} batch items"
-                + (
-                    f": pick one of 0 to {size - 1}"
-                    if size
-                    else ": capture a forward pass on at least one input"
-                )
-            )
-        if heads == 0:
-            raise AttnScopeError(
-                f"{name!r} has no heads (shape {(size, heads, queries, keys)}): capture with "
-                f"heads= keeping at least one, or leave it out: attn.select(exclude={name!r})"
-            )
-        for axis, count in (("query", queries), ("key", keys)):
-            if count == 0:
-                raise AttnScopeError(
-                    f"{name!r} has 0 {axis} positions (shape {(size, heads, queries, keys)}): "
-                    "there is no attention to draw for an empty sequence. Run the model on at "
-                    f"least one token, or leave this module out: attn.select(exclude={name!r})"
-                )
-
-
-def _full_heads(
-    attn: AttentionMaps, full_heads: Iterable[tuple[str, int]]
-) -> list[tuple[str, int]]:
-    """``full_heads`` as checked (name, head) pairs, whether or not the budget needs them."""
-    example = f"e.g. full_heads=[({attn.names[0]!r}, 0)]"
-    if isinstance(full_heads, (str, bytes)) or not isinstance(full_heads, Iterable):
-        raise AttnScopeError(f"full_heads must be a list of (name, head) pairs, {example}")
-    wanted = []
-    for pair in full_heads:
-        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-            raise AttnScopeError(f"full_heads: {pair!r} is not a (name, head) pair; {example}")
-        name, head = pair
-        if not isinstance(name, str) or name not in attn:
-            raise AttnScopeError(
-                f"full_heads: no module {name!r}; available: {', '.join(attn.names[:20])}"
-            )
-        heads = attn._shape(name)[1]
-        if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < heads:
-            raise AttnScopeError(
-                f"full_heads: no head {head!r} in {name!r}, which has heads 0 to {heads - 1}"
-            )
-        wanted.append((name, head))
-    return wanted
-
-
-def _choose_full(
-    tensors: dict[str, Tensor],
-    sizes: dict[str, int],
-    max_bytes: int,
-    wanted: list[tuple[str, int]] | None,
-) -> set[tuple[str, int]]:
-    if wanted is None:
-        wanted = [(n, h) for n in tensors for h in range(tensors[n].size(1))]
-    chosen: set[tuple[str, int]] = set()
-    used = 0
-    for name, head in wanted:
-        cost = sizes[name] // tensors[name].size(1) * 4 // 3
-        if used + cost > max_bytes and chosen:
-            break
-        chosen.add((name, head))
-        used += cost
-    return chosen
-
-
-def _labels(labels: list[str] | None, size: int) -> list[str]:
-    labels = list(labels) if labels is not None else []
-    labels = labels[:size]
-    labels += [str(i) for i in range(len(labels), size)]
-    return labels
-
-
-def _quantise(weights: Tensor) -> bytes:
-    return bytes(torch.round(weights * 255).to(torch.uint8).contiguous().numpy().tobytes())
-
-
-def _thumbnails(single: Tensor) -> dict[str, object]:
-    heads, queries, keys = single.shape
-    size = (min(THUMB, queries), min(THUMB, keys))
-    pooled = F.adaptive_max_pool2d(single.unsqueeze(0), size)[0]
-    peak = pooled.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    return {
-        "q": size[0],
-        "k": size[1],
-        "data": [_b64(_quantise(pooled[h] / peak[h])) for h in range(heads)],
-    }
-
-
-def _b64(raw: bytes) -> str:
-    return base64.b64encode(raw).decode("ascii")
 
 
 __all__ = ["AttentionPage", "page_data", "safe_json", "view"]
