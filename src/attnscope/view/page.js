@@ -1,17 +1,36 @@
 /* attnscope page: head view, model view and matrix view of one capture.
  * No network, no framework. Every string from the data (module names, kinds, tokens, the
- * title, table cells) is set with textContent or a DOM property, never as markup. */
+ * title, table cells) is set with textContent or a DOM property, never as markup.
+ * Map sets (data.views: attention, grad x attention, norm-weighted): the same modules with
+ * other values; a set after the first carries only its values per module, merged here over
+ * the first set's entries. Switching sets swaps `maps` and its decoding cache, so every view
+ * and export reads the chosen set through the same functions. A weighted set's bytes are
+ * relative to each head's maximum (`scale`); byte / 255 * scale is the true value. */
 function attnscopeRender(rootId, given) {
   "use strict";
   // `given`: the data object itself (the live explorer); else the page's JSON block
   var root = document.getElementById(rootId);
   var data = given || JSON.parse(document.getElementById(rootId + "-data").textContent);
-  var maps = data.maps;
+  var weightViews = data.views || [{ by: "attention", label: "attention", exact: !!data.exact }];
+  var VALUES = ["data", "thumb", "scale", "exact"];  // what a map set has of its own
+  var sets = weightViews.map(function (v, s) {
+    if (s === 0) return data.maps;
+    return data.maps.map(function (base, i) {
+      var entry = {};
+      Object.keys(base).forEach(function (key) { if (VALUES.indexOf(key) < 0) entry[key] = base[key]; });
+      VALUES.forEach(function (key) { if (key in v.maps[i]) entry[key] = v.maps[i][key]; });
+      return entry;
+    });
+  });
+  var caches = sets.map(function () { return {}; });
+  var ATTENTION = -1;  // the set whose weights the query/key view lists
+  weightViews.forEach(function (v, s) { if (v.by === "attention" && ATTENTION < 0) ATTENTION = s; });
+  var maps = sets[0];
   var COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
                 "#7f7f7f", "#bcbd22", "#17becf", "#393b79", "#637939", "#8c6d31", "#843c39",
                 "#7b4173", "#3182bd"];
-  var state = { map: 0, head: 0, query: -1, visible: null, words: false, qkQuery: 0 };
-  var cache = {};
+  var state = { map: 0, head: 0, query: -1, visible: null, words: false, qkQuery: 0, set: 0 };
+  var cache = caches[0];
 
   function el(tag, cls, text) {
     var node = document.createElement(tag);
@@ -42,10 +61,20 @@ function attnscopeRender(rootId, given) {
     return bytes.subarray(offset, offset + cols);
   }
   function exact(m, h, i, j) {
-    if (!data.exact) return null;
+    if (!maps[m].exact) return null;
     var key = "x" + m + ":" + h;
     if (!(key in cache)) cache[key] = new Float32Array(decode(maps[m].exact[h]).buffer);
     return cache[key][i * maps[m].k + j];
+  }
+  function scaleOf(m, h) { return maps[m].scale ? maps[m].scale[h] : 1; }  // true value of byte 255
+  function scaled() { return !!maps[state.map].scale; }
+  function attentionWeight(m, h, i, j) {  // the attention set's weight, whichever set is shown
+    var saved = [maps, cache], s = ATTENTION < 0 ? state.set : ATTENTION;
+    maps = sets[s]; cache = caches[s];
+    try {
+      var own = exact(m, h, i, j), values = weights(m, h);
+      return own !== null ? own : (values === null ? NaN : values[i * maps[m].k + j] / 255 * scaleOf(m, h));
+    } finally { maps = saved[0]; cache = saved[1]; }
   }
   function thumb(m, h) {
     var key = "t" + m + ":" + h;
@@ -63,16 +92,21 @@ function attnscopeRender(rootId, given) {
     return { q: m.qwords ? m.qwords.labels : m.qlabels, k: m.kwords ? m.kwords.labels : m.klabels };
   }
   // What the views draw for head h of map mi: {u8 (0..255), f32 (exact values or null), rows,
-  // cols, pooled}. With "words" on, rows are averaged within a word and columns summed
-  // (AttentionMaps.merge_tokens' convention), from the embedded values.
+  // cols, pooled, peak (the true value byte 255 stands for)}. With "words" on, rows are
+  // averaged within a word and columns summed (AttentionMaps.merge_tokens' convention), from
+  // the embedded values; a weighted set's merged map is quantised to its own maximum again.
   function shown(mi, h) {
     var m = maps[mi], values = weights(mi, h);
-    if (values === null) return { u8: thumb(mi, h), f32: null, rows: m.thumb.q, cols: m.thumb.k, pooled: true };
-    if (!merging(m)) return { u8: values, f32: null, rows: m.q, cols: m.k, pooled: false, exact: true };
+    if (values === null) {
+      return { u8: thumb(mi, h), f32: null, rows: m.thumb.q, cols: m.thumb.k, pooled: true,
+        peak: m.thumb.peak ? m.thumb.peak[h] : 1 };
+    }
+    if (!merging(m)) return { u8: values, f32: null, rows: m.q, cols: m.k, pooled: false, peak: scaleOf(mi, h) };
     var key = "w" + mi + ":" + h;
     if (!(key in cache)) {
       var qg = m.qwords ? m.qwords.groups : identity(m.q), kg = m.kwords ? m.kwords.groups : identity(m.k);
       var out = new Float32Array(qg.length * kg.length), u8 = new Uint8Array(out.length);
+      var unit = scaleOf(mi, h) / 255, peak = m.scale ? 0 : 1;
       for (var a = 0; a < qg.length; a++) {
         for (var b = 0; b < kg.length; b++) {
           var total = 0;
@@ -80,12 +114,13 @@ function attnscopeRender(rootId, given) {
             var row = qg[a][r] * m.k;
             for (var c = 0; c < kg[b].length; c++) total += values[row + kg[b][c]];
           }
-          var v = total / 255 / qg[a].length;
+          var v = total * unit / qg[a].length;
           out[a * kg.length + b] = v;
-          u8[a * kg.length + b] = Math.min(255, Math.round(v * 255));
+          if (m.scale) peak = Math.max(peak, v);
         }
       }
-      cache[key] = { u8: u8, f32: out, rows: qg.length, cols: kg.length, pooled: false };
+      for (var n = 0; n < out.length; n++) u8[n] = Math.min(255, Math.round(out[n] / (peak || 1) * 255));
+      cache[key] = { u8: u8, f32: out, rows: qg.length, cols: kg.length, pooled: false, peak: peak };
     }
     return cache[key];
   }
@@ -118,6 +153,18 @@ function attnscopeRender(rootId, given) {
   });
   layerLabel.appendChild(select);
   controls.appendChild(layerLabel);
+  var setSelect = null;
+  if (sets.length > 1) {  // attention | grad x attention | norm-weighted
+    var weightLabel = el("label", null, "Values ");
+    setSelect = el("select", "attnscope-weights");
+    weightViews.forEach(function (v, index) {
+      var option = el("option", null, v.label);
+      option.value = String(index);
+      setSelect.appendChild(option);
+    });
+    weightLabel.appendChild(setSelect);
+    controls.appendChild(weightLabel);
+  }
   var wordBox = null;
   if (maps.some(function (m) { return m.qwords || m.kwords; })) {
     var wordLabel = el("label", "attnscope-wordtoggle");
@@ -171,10 +218,18 @@ function attnscopeRender(rootId, given) {
   });
   plotBox.appendChild(plot);
   matrixPanel.appendChild(plotBox);
+  var legend = el("div", "attnscope-legend");
+  var legendTop = el("span", "attnscope-legend-top");
+  var legendNote = el("span", "attnscope-legend-note");
+  legend.appendChild(el("span", null, "0"));
+  legend.appendChild(el("span", "attnscope-legend-bar"));
+  legend.appendChild(legendTop); legend.appendChild(legendNote);
+  matrixPanel.appendChild(legend);
   matrixPanel.appendChild(tooltip);  // outside the scrolling box, which would clip it
 
   var modelPanel = el("section", "attnscope-panel attnscope-modelview");
-  modelPanel.appendChild(el("h3", null, "Model view (each head, pooled; click to open)"));
+  var modelTitle = el("h3", null, "Model view (each head, pooled; click to open)");
+  modelPanel.appendChild(modelTitle);
   var grid = el("div", "attnscope-grid");
   modelPanel.appendChild(grid);
 
@@ -194,6 +249,48 @@ function attnscopeRender(rootId, given) {
   [qkTitle, qkControls, qkHelp, qkCanvas, qkTable].forEach(function (n) { qkPanel.appendChild(n); });
   root.appendChild(qkPanel);
   root.appendChild(modelPanel);
+
+  // -- head importance: layers x heads, a cell per head, a click opens it -------------------
+  var importanceCells = [];
+  if (data.importance) {
+    var imp = data.importance, span = (imp.hi - imp.lo) || 1;
+    var impPanel = el("section", "attnscope-panel attnscope-importance");
+    impPanel.appendChild(el("h3", null, "Head importance (layers \u00d7 heads; click a cell to open its head)"));
+    var impGrid = el("div", "attnscope-imp-grid");
+    impGrid.style.gridTemplateColumns = "auto repeat(" + imp.heads + ", 18px)";
+    impGrid.appendChild(el("div"));
+    for (var ih = 0; ih < imp.heads; ih++) impGrid.appendChild(el("div", "attnscope-imp-head", String(ih)));
+    var impTip = el("div", "attnscope-imp-tooltip");
+    imp.modules.forEach(function (name, row) {
+      var mapIndex = -1;
+      maps.forEach(function (m, index) { if (m.name === name && mapIndex < 0) mapIndex = index; });
+      impGrid.appendChild(el("div", "attnscope-rowlabel", name));
+      imp.values[row].forEach(function (value, head) {
+        var cell = el("div", "attnscope-imp-cell");
+        var opens = mapIndex >= 0 && head < maps[mapIndex].heads;
+        cell.dataset.module = name; cell.dataset.head = String(head);
+        cell.dataset.map = String(opens ? mapIndex : -1);
+        if (value === null) cell.classList.add("attnscope-imp-empty");
+        else cell.style.backgroundColor = rgb(Math.round((value - imp.lo) / span * 255));
+        if (!opens) cell.classList.add("attnscope-imp-absent");
+        cell.addEventListener("mouseenter", function () {
+          impTip.textContent = name + ", head " + head + ": " +
+            (value === null ? "no value" : String(Number(value.toPrecision(6)))) +
+            (opens ? "" : " (not in this page)");
+          impTip.style.display = "block";
+          var box = impPanel.getBoundingClientRect(), at = cell.getBoundingClientRect();
+          impTip.style.transform = "translate(" + (at.right - box.left + 6) + "px, " + (at.bottom - box.top + 6) + "px)";
+        });
+        cell.addEventListener("mouseleave", function () { impTip.style.display = "none"; });
+        cell.addEventListener("click", function () { if (opens) choose(mapIndex, head); });
+        importanceCells.push(cell);
+        impGrid.appendChild(cell);
+      });
+    });
+    impPanel.appendChild(impGrid);
+    impPanel.appendChild(impTip);
+    root.appendChild(impPanel);
+  }
 
   if (data.table && data.table.length) {
     var statsPanel = el("section", "attnscope-panel attnscope-stats");
@@ -221,7 +318,6 @@ function attnscopeRender(rootId, given) {
       var canvas = el("canvas", "attnscope-thumb");
       canvas.title = m.name + ", head " + h;
       canvas.dataset.map = String(index); canvas.dataset.head = String(h);
-      paint(canvas, thumb(index, h), m.thumb.q, m.thumb.k);
       canvas.addEventListener("click", function (event) {
         choose(Number(event.currentTarget.dataset.map), Number(event.currentTarget.dataset.head));
       });
@@ -229,6 +325,14 @@ function attnscopeRender(rootId, given) {
     }
     grid.appendChild(row);
   });
+  function paintThumbs() {  // each head of the shown set, pooled, relative to its maximum
+    modelTitle.textContent = "Model view (each head, pooled" + setLabel() + "; click to open)";
+    grid.querySelectorAll(".attnscope-thumb").forEach(function (canvas) {
+      var index = Number(canvas.dataset.map), m = maps[index];
+      paint(canvas, thumb(index, Number(canvas.dataset.head)), m.thumb.q, m.thumb.k);
+    });
+  }
+  paintThumbs();
 
   // -- head view ----------------------------------------------------------------------------
   var LINES_ALL = 65536;  // cells of a head beyond which lines wait for a hovered token
@@ -346,15 +450,28 @@ function attnscopeRender(rootId, given) {
     axis.dataset.step = String(step);
     return longest;
   }
+  function setLabel() {  // "" for attention, else ", norm-weighted" and the like
+    var v = weightViews[state.set];
+    return v.by === "attention" ? "" : ", " + v.label;
+  }
   function viewTitle() {
     var m = maps[state.map], view = shown(state.map, state.head);
-    return m.name + ", head " + state.head + (merging(m) && !view.pooled ? " (words)" : "") +
+    return m.name + ", head " + state.head + setLabel() + (merging(m) && !view.pooled ? " (words)" : "") +
       (view.pooled ? " (pooled thumbnail: full resolution not embedded)" : "");
+  }
+  function drawLegend(view) {  // the colour scale of the shown map: white 0 to dark blue peak
+    var peak = view.peak, top = scaled() || view.pooled ? number(peak, 3) : "1";
+    legendTop.textContent = top;
+    legend.title = scaled() ? "colour relative to this map's maximum, " + number(peak, 5) :
+      (view.pooled ? "colour relative to this head's maximum weight" : "attention weight");
+    legendNote.textContent = scaled() ? "(" + weightViews[state.set].label + ", this map's maximum)" :
+      (view.pooled ? "(this head's maximum)" : "");
   }
   function drawMatrix() {
     var m = maps[state.map], view = shown(state.map, state.head), labels = axisLabels(m);
     matrixTitle.textContent = "Matrix view: " + viewTitle();
     paint(matrix, view.u8, view.rows, view.cols);
+    drawLegend(view);
     // Sized by tokens, not canvas pixels, so a pooled thumbnail shows as large as the full map.
     var nq = labels.q.length, nk = labels.k.length;
     var scale = Math.max(1, SIDE / Math.max(nq, nk));
@@ -370,6 +487,9 @@ function attnscopeRender(rootId, given) {
     yAxis.style.height = height + "px";
     yAxis.style.width = (ticks(yAxis, labels.q, height, false) + 1) + "ch";
   }
+  function number(x, digits) {  // weights as fixed decimals; a weighted set's values by precision
+    return scaled() ? String(Number(x.toPrecision(digits + 1))) : x.toFixed(digits);
+  }
   function cellAt(event) {
     var view = shown(state.map, state.head), rect = matrix.getBoundingClientRect();
     var i = Math.floor((event.clientY - rect.top) / rect.height * view.rows);
@@ -384,8 +504,8 @@ function attnscopeRender(rootId, given) {
       text = "pooled cell " + i + ", " + j;
     } else {
       var x = view.f32 ? view.f32[i * view.cols + j] : exact(state.map, state.head, i, j);
-      var shownValue = x === null ? "\u2248" + (view.u8[i * view.cols + j] / 255).toFixed(3)
-        : (view.f32 ? "\u2248" + x.toFixed(3) : x.toFixed(4));
+      var shownValue = x === null ? "\u2248" + number(view.u8[i * view.cols + j] / 255 * view.peak, 3)
+        : (view.f32 ? "\u2248" + number(x, 3) : number(x, 4));
       var unit = view.f32 ? "word " : "";
       text = "query " + unit + i + " " + labels.q[i] + " \u2192 key " + unit + j + " " +
         labels.k[j] + ": " + shownValue;
@@ -442,7 +562,7 @@ function attnscopeRender(rootId, given) {
   function drawQK() {
     var m = maps[state.map];
     if (!m.qk) return;
-    var t = qkTerms(), i = state.qkQuery, d = t.d, values = weights(state.map, state.head);
+    var t = qkTerms(), i = state.qkQuery, d = t.d;
     qkTitle.textContent = "Query/key view: " + m.name + ", head " + state.head + ", query " + i +
       " " + m.qlabels[i];
     var cell = m.k > 128 ? 2 : 8, gap = 6, width = (2 * d) * cell + gap, height = (m.k + 1) * cell + gap;
@@ -465,12 +585,11 @@ function attnscopeRender(rootId, given) {
     }
     qkTable.textContent = "";
     var header = el("tr");
-    ["key", "token", "q\u00b7k", "weight"].forEach(function (c) { header.appendChild(el("th", null, c)); });
+    ["key", "token", "q\u00b7k", ATTENTION < 0 ? weightViews[state.set].label : "weight"].forEach(function (c) { header.appendChild(el("th", null, c)); });
     qkTable.appendChild(header);
     for (j = 0; j < Math.min(m.k, 512); j++) {
       var line = el("tr", "attnscope-qk-row");
-      var x = exact(state.map, state.head, i, j);
-      var w = x !== null ? x : (values === null ? NaN : values[i * m.k + j] / 255);
+      var w = attentionWeight(state.map, state.head, i, j);
       line.appendChild(el("td", null, String(j)));
       line.appendChild(el("td", null, m.klabels[j]));
       line.appendChild(el("td", "attnscope-qk-score", t.scores[j].toFixed(4)));
@@ -558,7 +677,7 @@ function attnscopeRender(rootId, given) {
     var margin = chars * 7 + 8, top = 24;
     found.margin = margin; found.top = top;
     found.width = 2 * margin + LINES_WIDTH; found.height = top + Math.max(found.rows, found.cols) * found.step + 4;
-    found.title = "Head view: " + maps[state.map].name + (state.query >= 0 ? ", query " + state.query : "");
+    found.title = "Head view: " + maps[state.map].name + setLabel() + (state.query >= 0 ? ", query " + state.query : "");
     return found;
   }
   function headSVG() {
@@ -611,7 +730,8 @@ function attnscopeRender(rootId, given) {
   });
   function fileName(extension) {
     var m = maps[state.map];
-    return ("attention-" + m.name + "-head" + state.head).replace(/[^A-Za-z0-9_.-]+/g, "_") + extension;
+    var by = weightViews[state.set].by, prefix = by === "attention" ? "attention-" : by + "-weighted-";
+    return (prefix + m.name + "-head" + state.head).replace(/[^A-Za-z0-9_.-]+/g, "_") + extension;
   }
   function download(blob, name) {
     var url = URL.createObjectURL(blob), link = document.createElement("a");
@@ -640,10 +760,20 @@ function attnscopeRender(rootId, given) {
       c.classList.toggle("attnscope-selected",
         Number(c.dataset.map) === mapIndex && Number(c.dataset.head) === head);
     });
+    importanceCells.forEach(function (c) {
+      c.classList.toggle("attnscope-selected", Number(c.dataset.map) === mapIndex && Number(c.dataset.head) === head);
+    });
     drawLines(); drawMatrix(); drawQK();
     root.dataset.selected = maps[mapIndex].name + "#" + head;
   }
   select.addEventListener("change", function () { choose(Number(select.value), 0); });
+  function chooseSet(index) {  // the same module and head, another map set
+    state.set = index; maps = sets[index]; cache = caches[index];
+    if (setSelect) setSelect.value = String(index);
+    paintThumbs(); drawLines(); drawMatrix(); drawQK();
+    root.dataset.weights = weightViews[index].by;
+  }
+  if (setSelect) setSelect.addEventListener("change", function () { chooseSet(Number(setSelect.value)); });
   if (wordBox) {
     wordBox.addEventListener("change", function () {
       state.words = wordBox.checked; state.query = -1;
@@ -652,6 +782,7 @@ function attnscopeRender(rootId, given) {
     });
   }
   choose(0, 0);
+  root.dataset.weights = weightViews[0].by;
   // lay the tooltip out once now, so that the first hover does not pay for its styles
   tooltip.style.visibility = "hidden"; tooltip.style.display = "block";
   tooltip.textContent = "query 0 \u2192 key 0: 0.0000";
