@@ -757,15 +757,25 @@ def _cell(row: dict[str, Any] | None) -> str:
     return f"{paired['median']:.2f} ({spread}), min {row['min_ratio']:.2f}"
 
 
+def _over_eager(rows: dict[str, Any]) -> str:
+    """Point 1 of issue #15: full's paired ratio minus eager + output_attentions' (<= 0.05)."""
+    if "full" not in rows or "eager" not in rows:
+        return ""
+    return f"{rows['full']['paired']['median'] - rows['eager']['paired']['median']:+.2f}"
+
+
 def _ms(value: float) -> str:
     return f"{value / 1e3:.2f} s" if value >= 1e3 else f"{value:.1f} ms"
 
 
 def table(report: dict[str, Any], section: str = "cases") -> str:
     entries = report.get(section, {})
+    if not entries:
+        return f"(no entries in {section!r})"
     speed = [
-        "| case | plain | plain-again (noise) | full | lazy | selected | others | rounds |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| case | plain | plain-again (noise) | full | lazy | selected | others | full - eager "
+        "| rounds |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     machinery = [
         "| case | ablation | against | ablation / against | noise | verdict |",
@@ -773,8 +783,8 @@ def table(report: dict[str, Any], section: str = "cases") -> str:
     ]
     memory = [
         "| case | plain MB | full MB | maps MB | plain + maps + 10% | holds | lazy MB "
-        "| selected MB |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| selected MB | ablations MB |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     notes = []
     for key, entry in entries.items():
@@ -798,7 +808,8 @@ def table(report: dict[str, Any], section: str = "cases") -> str:
         speed.append(
             f"| {key} | {_ms(rows['plain']['median_ms'])} | {_cell(rows.get('plain-again'))} "
             f"| {_cell(rows.get('full'))} | {_cell(rows.get('lazy'))} "
-            f"| {_cell(rows.get('selected'))} | {others} | {rows['plain']['rounds']} |"
+            f"| {_cell(rows.get('selected'))} | {others} | {_over_eager(rows)} "
+            f"| {rows['plain']['rounds']} |"
         )
         for name in ABLATIONS:
             if "vs" in rows.get(name, {}):
@@ -814,12 +825,18 @@ def table(report: dict[str, Any], section: str = "cases") -> str:
         kind = "cuda" if "cuda" in bound else "rss"
         if kind in bound:
             mem = entry["memory"]
+            ablated = ", ".join(
+                f"{name} {mem[name][f'peak_{kind}_mb']}"
+                for name in ABLATIONS
+                if f"peak_{kind}_mb" in mem.get(name, {})
+            )
             b = bound[kind]
             memory.append(
                 f"| {key} | {b['peak_plain_mb']:.0f} | {b['peak_full_mb']:.0f} "
                 f"| {b['maps_mb']:.0f} | {b['limit_mb']:.0f} | {'yes' if b['holds'] else 'no'} "
                 f"| {mem.get('lazy', {}).get(f'peak_{kind}_mb', '')} "
-                f"| {mem.get('selected', {}).get(f'peak_{kind}_mb', '')} |"
+                f"| {mem.get('selected', {}).get(f'peak_{kind}_mb', '')} "
+                f"| {ablated} |"
             )
     parts = [
         "Speed: paired ratio to plain, median over rounds (25th-75th percentile), and min "
