@@ -323,3 +323,26 @@ def test_without_weighted_sets_there_is_no_selector_and_served_data_gets_one(
     # exact values embedded: the tooltip shows the float32 value to 6 significant digits
     assert _tooltip_at(page, 1, 2) == pytest.approx(float(norms[1, 2]), rel=1e-5)
     assert errors == []
+
+
+def test_weighted_maps_given_as_attention_keep_their_values() -> None:
+    """view(attn.weighted("norms")) (README) passes maps that are not probabilities: above 1
+    they get each head's own scale rather than being clipped to 1."""
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with torch.no_grad(), attnscope.capture(model, norms=True) as attn:
+        model(torch.randn(1, 5, 16, generator=torch.Generator().manual_seed(1)) * 4)
+    weighted = attn.weighted("norms")
+    expected = weighted["layers.0.self_attn"][0]
+    assert float(expected.max()) > 1  # the case at hand
+    data = page_data(weighted)
+    assert "layers.0.self_attn: weights above 1" in data["note"]
+    entry = data["maps"][0]
+    for h in range(2):
+        peak = float(expected[h].max())
+        decoded = _bytes(entry["data"][h], (5, 5)) / 255 * entry["scale"][h]
+        assert (decoded - expected[h]).abs().max() <= peak / 510 * (1 + 1e-5)
+    # true attention maps keep the fixed [0, 1] scale, and no such note
+    plain = page_data(attn)
+    assert "scale" not in plain["maps"][0] and "above 1" not in plain["note"]

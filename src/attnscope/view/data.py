@@ -126,6 +126,12 @@ def page_data(
             "Called several times, not incremental decoding; "
             f"showing the last call ({'; '.join(repeated)})."
         )
+    above = [m["name"] for m in maps if "scale" in m and views[0]["by"] == "attention"]
+    if above:
+        notes.append(
+            f"{', '.join(map(str, above[:5]))}{', ...' if len(above) > 5 else ''}: weights above "
+            "1, not probabilities (weighted maps?); each head is coloured to its own maximum."
+        )
     if qk_missing:
         notes.append("No query/key view for " + "; ".join(qk_missing) + ".")
     return {
@@ -160,8 +166,11 @@ def _values(
             f"the {LABELS[by]} map of {name!r} has NaN or infinite values in batch item "
             f"{batch}; leave it out of the page with view(attn, weights=('attention',))"
         )
-    single = single.clamp(0, 1) if by == "attention" else single.clamp(min=0)
-    scales = [1.0] * single.size(0) if by == "attention" else peaks(single)
+    # Maps given as attention that exceed 1 are not probabilities (view(attn.weighted(...))
+    # passes weighted maps as they are): they get their own scale too, rather than clipping.
+    own_scale = by != "attention" or float(single.max()) > 1 + 1e-3
+    single = single.clamp(min=0) if own_scale else single.clamp(0, 1)
+    scales = peaks(single) if own_scale else [1.0] * single.size(0)
     entry: dict[str, object] = {
         "thumb": thumbnails(single),
         "data": [
@@ -169,7 +178,7 @@ def _values(
             for h in range(single.size(0))
         ],
     }
-    if by != "attention":
+    if own_scale:
         entry["scale"] = scales
     if exact:
         entry["exact"] = [b64(single[h].contiguous().numpy().tobytes()) for h in range(len(scales))]
