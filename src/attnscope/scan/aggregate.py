@@ -251,7 +251,7 @@ class Accumulator:
             highs = torch.tensor([self.ranges[s][1] for s in STATISTICS], dtype=valid.dtype)
             self._bins = (lows.view(-1, 1, 1), (BINS / (highs - lows)).view(-1, 1, 1))
         low, scale = self._bins
-        index = ((valid - low) * scale).floor_().clamp_(0, BINS - 1).long()
+        index = ((valid - low) * scale).clamp_(0, BINS - 1).long()  # >= 0: truncation floors
         index += torch.arange(stats * heads).view(stats, heads, 1) * BINS
         return torch.bincount(index.view(-1), minlength=stats * heads * BINS).view(
             stats, heads, BINS
