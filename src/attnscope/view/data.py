@@ -25,7 +25,7 @@ from torch import Tensor
 from ..errors import AttnScopeError
 from ..maps import AttentionMaps
 from .aids import query_keys, word_entry
-from .encoding import b64, peaks, quantise, thumbnails
+from .encoding import floats, peaks, quantise, thumbnails
 from .weighting import LABELS, weight_sets
 
 DEFAULT_MAX_BYTES = 64 * 2**20
@@ -171,17 +171,14 @@ def _values(
     own_scale = by != "attention" or float(single.max()) > 1 + 1e-3
     single = single.clamp(min=0) if own_scale else single.clamp(0, 1)
     scales = peaks(single) if own_scale else [1.0] * single.size(0)
-    entry: dict[str, object] = {
-        "thumb": thumbnails(single),
-        "data": [
-            b64(quantise(single[h], scales[h])) if full is None or (name, h) in full else None
-            for h in range(single.size(0))
-        ],
-    }
+    keep = [h for h in range(single.size(0)) if full is None or (name, h) in full]
+    kept = dict(zip(keep, quantise(single[keep], [scales[h] for h in keep]), strict=True))
+    data = [kept.get(h) for h in range(single.size(0))]
+    entry: dict[str, object] = {"thumb": thumbnails(single), "data": data}
     if own_scale:
         entry["scale"] = scales
     if exact:
-        entry["exact"] = [b64(single[h].contiguous().numpy().tobytes()) for h in range(len(scales))]
+        entry["exact"] = floats(single)
     return entry
 
 

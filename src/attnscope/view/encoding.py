@@ -13,6 +13,7 @@ and quantised to their own peak, which the max pool keeps equal to the map's max
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F  # noqa: N812
@@ -21,15 +22,20 @@ from torch import Tensor
 THUMB = 64
 
 
-def quantise(weights: Tensor, scale: float = 1.0) -> bytes:
-    """One byte per value of ``weights`` / ``scale`` (values in [0, scale]).
+def quantise(single: Tensor, scales: Sequence[float]) -> list[str]:
+    """Each head of (heads, query, key) values in [0, scale] as one byte a value, base64.
 
-    >>> list(quantise(torch.tensor([0.0, 0.5, 2.0]), scale=2.0))
-    [0, 64, 255]
+    One pass over every head: a torch op per head cost 40x more on a busy 2-core machine
+    (16 ms against 0.4 ms for 12 heads of 128 x 128), all of it in thread hand-offs.
+
+    >>> [list(base64.b64decode(h)) for h in quantise(torch.tensor([[[0.0, 0.5, 2.0]]]), [2.0])]
+    [[0, 64, 255]]
     """
-    scaled = weights if scale == 1.0 else weights / (scale if scale > 0 else 1.0)
-    byte = torch.round(scaled.clamp(0, 1) * 255).to(torch.uint8)
-    return bytes(byte.contiguous().numpy().tobytes())
+    values = single.detach().to("cpu", torch.float32)
+    divisors = torch.tensor([s if s > 0 else 1.0 for s in scales], dtype=torch.float32)
+    scaled = (values / divisors[:, None, None]).clamp(0, 1) * 255
+    data = torch.round(scaled).to(torch.uint8).contiguous().numpy()
+    return [b64(head.tobytes()) for head in data]
 
 
 def peaks(single: Tensor) -> list[float]:
@@ -43,16 +49,17 @@ def peaks(single: Tensor) -> list[float]:
 
 def thumbnails(single: Tensor) -> dict[str, object]:
     """Max-pooled thumbnails of (heads, query, key) values, each quantised to its peak."""
-    heads, queries, keys = single.shape
+    _, queries, keys = single.shape
     size = (min(THUMB, queries), min(THUMB, keys))
     pooled = F.adaptive_max_pool2d(single.unsqueeze(0), size)[0]
-    peak = pooled.amax(dim=(1, 2), keepdim=True).clamp_min(1e-12)
-    return {
-        "q": size[0],
-        "k": size[1],
-        "data": [b64(quantise(pooled[h] / peak[h])) for h in range(heads)],
-        "peak": peaks(pooled),
-    }
+    peak = peaks(pooled)
+    return {"q": size[0], "k": size[1], "data": quantise(pooled, peak), "peak": peak}
+
+
+def floats(single: Tensor) -> list[str]:
+    """Each head's float32 values, base64."""
+    values = single.detach().to("cpu", torch.float32).contiguous().numpy()
+    return [b64(head.tobytes()) for head in values]
 
 
 def b64(raw: bytes) -> str:
