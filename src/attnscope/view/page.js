@@ -397,13 +397,23 @@ function attnscopeRender(rootId, given) {
     return result;
   }
   function strokeSegments(ctx, lines, x0, y0) {
-    ctx.lineWidth = 1.5;
+    // one path per head and opacity: a dense map (a weighted set, relative to its maximum)
+    // has 10^5 lines, and one stroke each took a second
+    var groups = {};
     lines.segments.forEach(function (s) {
-      ctx.strokeStyle = COLORS[s[2] % COLORS.length];
-      ctx.globalAlpha = s[3];
+      var key = s[2] + ":" + s[3];
+      (groups[key] = groups[key] || []).push(s);
+    });
+    ctx.lineWidth = 1.5;
+    Object.keys(groups).forEach(function (key) {
+      var group = groups[key];
+      ctx.strokeStyle = COLORS[group[0][2] % COLORS.length];
+      ctx.globalAlpha = group[0][3];
       ctx.beginPath();
-      ctx.moveTo(x0, y0 + s[0] * lines.step + lines.step / 2);
-      ctx.lineTo(x0 + LINES_WIDTH, y0 + s[1] * lines.step + lines.step / 2);
+      group.forEach(function (s) {
+        ctx.moveTo(x0, y0 + s[0] * lines.step + lines.step / 2);
+        ctx.lineTo(x0 + LINES_WIDTH, y0 + s[1] * lines.step + lines.step / 2);
+      });
       ctx.stroke();
     });
     ctx.globalAlpha = 1;
