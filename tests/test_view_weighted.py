@@ -222,7 +222,7 @@ def _tooltip_at(page: Any, query: int, key: int, size: int = 9) -> float:
     x = box["x"] + (key + 0.5) * box["width"] / size
     page.mouse.move(x, box["y"] + (query + 0.5) * box["height"] / size)
     tip = page.text_content(".attnscope-tooltip") or ""
-    assert f"query {query} " in tip and f"key {key} " in tip, tip
+    assert re.match(rf"query (word )?{query} .* key (word )?{key} ", tip), tip
     return float(tip.rsplit(": ", 1)[1].lstrip("≈"))
 
 
@@ -346,3 +346,26 @@ def test_weighted_maps_given_as_attention_keep_their_values() -> None:
     # true attention maps keep the fixed [0, 1] scale, and no such note
     plain = page_data(attn)
     assert "scale" not in plain["maps"][0] and "above 1" not in plain["note"]
+
+
+def test_words_merge_a_scaled_set_as_merge_tokens_does(browser: Any, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    with torch.no_grad(), attnscope.capture(model, norms=True) as attn:
+        model(torch.randn(1, 6, 16, generator=torch.Generator().manual_seed(1)) * 4)
+    tokens = ["[CLS]", "un", "##believ", "##able", "day", "[SEP]"]
+    weighted = attn.weighted("norms").with_tokens(tokens)  # values above 1: a scaled set
+    page, errors = _open(browser, attnscope.view(weighted).save(tmp_path / "words.html"))
+    page.check(".attnscope-wordtoggle input")
+    words = weighted.merge_tokens()["layers.0.self_attn"][0, 0]
+    # query "unbelievable" (3 rows averaged), key "unbelievable" (3 columns summed): each
+    # column off by up to half a step of the token-level map's maximum
+    step = float(weighted["layers.0.self_attn"][0, 0].max()) / 510
+    for query, key in ((1, 1), (0, 1), (3, 1)):
+        shown = _tooltip_at(page, query, key, size=4)
+        expected = float(words[query, key])
+        assert shown == pytest.approx(expected, abs=3 * step + 5e-4 * expected)
+    legend = float(page.text_content(".attnscope-legend-top") or "nan")
+    assert legend == pytest.approx(float(words.max()), rel=5e-3)  # merged map, own maximum
+    assert errors == []
