@@ -369,3 +369,14 @@ def test_words_merge_a_scaled_set_as_merge_tokens_does(browser: Any, tmp_path: P
     legend = float(page.text_content(".attnscope-legend-top") or "nan")
     assert legend == pytest.approx(float(words.max()), rel=5e-3)  # merged map, own maximum
     assert errors == []
+
+
+def test_hostile_module_names_in_the_importance_panel_stay_data() -> None:
+    name = "</script><img src=x onerror=alert(1)>"
+    maps = AttentionMaps.from_tensors({name: torch.full((1, 2, 3, 3), 1 / 3)})
+    rows = [{"module": name, "head": h, "importance": float(h)} for h in range(2)]
+    fragment = attnscope.view(maps, importance=rows, element_id="hostile")._repr_html_()
+    assert fragment.count("</script>") == 2 and "<img" not in fragment
+    match = re.search(r'<script type="application/json" id="[^"]+">(.*?)</script>', fragment, re.S)
+    assert match is not None
+    assert json.loads(match.group(1))["importance"]["modules"] == [name]
