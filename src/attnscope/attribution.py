@@ -33,7 +33,8 @@ the module, then as ``output.dense`` or the same names on its parent (BERT's
 
 
 class GradSlot:
-    """One call's ∂L/∂A, from its values and the gradient that reaches its kernel's output."""
+    """One call's ∂L/∂A, from its values (batch, heads, key, dim) and the gradient that
+    reaches its kernel's output (the tensor the kernel returned, whatever its layout)."""
 
     def __init__(
         self,
@@ -41,8 +42,10 @@ class GradSlot:
         values: Tensor | None,
         output: Tensor | None,
         weights: Tensor | None = None,
+        note: str | None = None,
     ) -> None:
         self.name = name
+        self.note = note
         self.values = None if values is None else values.detach()
         self.d_output: Tensor | None = None  # ∂L/∂O, or ∂L/∂A itself for ``weights``
         self.direct = False
@@ -64,6 +67,8 @@ class GradSlot:
 
     def grad(self) -> Tensor:
         """∂L/∂A, (batch, heads, query, key)."""
+        if self.handle is None and self.note is not None:
+            raise AttnScopeError(f"{self.name!r} has no gradient: {self.note}")
         if self.handle is None:
             raise AttnScopeError(
                 f"{self.name!r} has no gradient: the call ran without an autograd graph "
@@ -79,7 +84,11 @@ class GradSlot:
         if self.direct:
             return self.select(self.d_output)
         assert self.values is not None
-        return self.select(torch.matmul(self.d_output, self.values.transpose(-1, -2)))
+        batch, heads, _, dim = self.values.shape
+        # heads first, as the values: a 3-D call's output has no heads axis, a packed
+        # decoding step's (batch, kv heads, groups, dim) one query per head
+        d_output = self.d_output.reshape(batch, heads, -1, dim)
+        return self.select(torch.matmul(d_output, self.values.transpose(-1, -2)))
 
 
 def output_projection(

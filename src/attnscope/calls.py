@@ -100,6 +100,7 @@ class AttentionCall:
     values: Callable[[], Tensor] | None = None
     output: Tensor | None = None
     grad_of: Tensor | None = None
+    grad_note: str | None = None  # why this call has no gradient, where it is known
 
     @classmethod
     def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:

@@ -145,7 +145,8 @@ class _Recorder:
             return finish(grad if rows is None else grad[:, :, rows], heads, to, dtype)
 
         values = None if call.values is None else call.values()
-        slot = GradSlot(name, values, call.output, call.grad_of)
+        slot = GradSlot(name, values, call.output, call.grad_of, call.grad_note)
+        call.output = call.grad_of = None  # a lazy capture's call must not keep the graph
         slot.select = select
         self.slots.append(slot)
         return slot

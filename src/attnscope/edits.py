@@ -16,10 +16,19 @@ and kernels do the rest:
 Every call of ``scaled_dot_product_attention`` is already intercepted for capture
 (``adapters.sdpa``); while an ``EditSet`` is active on a thread, each call made there is given
 to it, with the modules on the stack, before the kernel (the mask) and after it (the output).
-The edit belongs to the innermost calling module that has one. PyTorch's
-``nn.MultiheadAttention`` reaches sdpa only on its Python path: while an edit of one is
-active, PyTorch's fused MHA and encoder fast paths are switched off (reference counted,
-restored on exit), and the capture's recompute of its weights reads the same knockout.
+The edits belong to the innermost calling module that has any; every active set's edits of
+it apply (knocked-out edges united, head edits in the order the sets were entered). A call
+with fewer queries than keys (a KV-cache step) has its queries at the last positions: an
+edge names absolute positions, and only those of the call's queries apply to it.
+
+PyTorch's ``nn.MultiheadAttention`` reaches sdpa only on its Python path (and only with
+``need_weights=False``): while one of its modules is edited, the entering thread runs under a
+no-op ``TorchFunctionMode``, which PyTorch's fused MHA, encoder-layer and nested-tensor paths
+all step aside for (their ``has_torch_function`` check); other threads keep their fast paths.
+The capture's recompute of those weights reads the same knockout. A module that runs while
+its edit could not be applied (an eager implementation that calls no sdpa, MHA asked for its
+weights) makes the block raise on exit, instead of an unedited result passing for an edited
+one.
 """
 
 from __future__ import annotations
@@ -45,6 +54,7 @@ class Edit:
     name: str
     heads: HeadEdit | None = None
     edges: list[tuple[int, int]] = field(default_factory=list)
+    matched: set[tuple[int, int]] = field(default_factory=set)  # edges some call had a row of
 
 
 class EditSet:
@@ -53,20 +63,42 @@ class EditSet:
     def __init__(self, edits: dict[nn.Module, Edit]) -> None:
         self.thread = threading.get_ident()
         self.by_module = {id(module): (module, edit) for module, edit in edits.items()}
+        self.applied: dict[int, int] = {}  # id(module) -> calls edited
 
-    def edit_of(self, callers: Iterable[nn.Module]) -> tuple[nn.Module, Edit] | None:
-        """The edit of the innermost calling module that has one."""
-        for module in callers:
-            found = self.by_module.get(id(module))
-            if found is not None:
-                return found
-        return None
+    def edit_of(self, module: nn.Module) -> Edit | None:
+        found = self.by_module.get(id(module))
+        return None if found is None else found[1]
+
+
+def edits_of(
+    sets: Sequence[EditSet], callers: Iterable[nn.Module]
+) -> tuple[nn.Module, list[Edit]] | None:
+    """The innermost calling module with an edit in any of ``sets``, and all its edits."""
+    for module in callers:
+        found = [edit for s in sets if (edit := s.edit_of(module)) is not None]
+        if found:
+            for edit_set in sets:
+                if edit_set.edit_of(module) is not None:
+                    edit_set.applied[id(module)] = edit_set.applied.get(id(module), 0) + 1
+            return module, found
+    return None
+
+
+class _SlowPaths(torch.overrides.TorchFunctionMode):
+    """Changes nothing; its presence makes PyTorch's fused MHA paths step aside."""
+
+    def __torch_function__(
+        self,
+        func: Callable[..., object],
+        types: object,
+        args: tuple[object, ...] = (),
+        kwargs: dict[str, object] | None = None,
+    ) -> object:
+        return func(*args, **(kwargs or {}))
 
 
 _active: list[EditSet] = []
 _lock = threading.Lock()
-_fast_path_off = 0
-_fast_path_before = True
 
 
 def active_on_this_thread() -> list[EditSet]:
@@ -76,31 +108,25 @@ def active_on_this_thread() -> list[EditSet]:
     return [edits for edits in tuple(_active) if edits.thread == thread]
 
 
-def activate(edits: EditSet, stops_fast_path: bool) -> Callable[[], None]:
-    """Make ``edits`` active; the returned callable undoes it (idempotent)."""
-    global _fast_path_off, _fast_path_before
+def activate(edits: EditSet, slow_paths: bool) -> Callable[[], None]:
+    """Make ``edits`` active on this thread; the returned callable undoes it (idempotent)."""
+    mode = _SlowPaths() if slow_paths else None
     with _lock:
-        if stops_fast_path:
-            if _fast_path_off == 0:
-                _fast_path_before = torch.backends.mha.get_fastpath_enabled()
-                torch.backends.mha.set_fastpath_enabled(False)
-            _fast_path_off += 1
         _active.append(edits)
+    if mode is not None:
+        mode.__enter__()
     done = False
 
     def undo() -> None:
-        global _fast_path_off
         nonlocal done
+        if done:
+            return
+        done = True
+        if mode is not None:
+            mode.__exit__(None, None, None)
         with _lock:
-            if done:
-                return
-            done = True
             if edits in _active:
                 _active.remove(edits)
-            if stops_fast_path:
-                _fast_path_off -= 1
-                if _fast_path_off == 0:
-                    torch.backends.mha.set_fastpath_enabled(_fast_path_before)
 
     return undo
 
@@ -109,34 +135,55 @@ def edges_of(module: nn.Module) -> list[tuple[int, int]]:
     """The edges knocked out of ``module`` on this thread now (for the capture's recompute)."""
     edges: list[tuple[int, int]] = []
     for edits in active_on_this_thread():
-        found = edits.by_module.get(id(module))
-        if found is not None:
-            edges.extend(found[1].edges)
+        edit = edits.edit_of(module)
+        if edit is not None:
+            edges.extend(edit.edges)
     return edges
 
 
 def edge_mask(
-    name: str, edges: Sequence[tuple[int, int]], queries: int, keys: int, device: torch.device
+    name: str,
+    edges: Sequence[tuple[int, int]],
+    queries: int,
+    keys: int,
+    device: torch.device,
+    positions: Sequence[int] | None = None,
+    matched: set[tuple[int, int]] | None = None,
 ) -> Tensor:
-    """(query, key) bool, True at the knocked-out edges; positions checked against this call.
+    """(query, key) bool, True at the knocked-out edges of a call whose query rows are at
+    ``positions`` (default: the last ``queries`` of ``keys``, which for a square call is all
+    of them); edges of other queries do not apply to it (a prefill is shorter than the
+    positions a generation reaches), and are added to ``matched`` when they do. A key beyond
+    the call's keys, for a query it has, raises.
 
-    >>> edge_mask("m", [(1, 0)], 2, 3, torch.device("cpu"))
-    tensor([[False, False, False],
-            [ True, False, False]])
+    >>> edge_mask("m", [(1, 0)], 2, 3, torch.device("cpu"))  # rows at positions 1 and 2
+    tensor([[ True, False, False],
+            [False, False, False]])
     """
+    if positions is None:
+        start = keys - queries if queries <= keys else 0
+        positions = list(range(start, start + queries))
     hidden = torch.zeros(queries, keys, dtype=torch.bool, device=device)
+    rows: dict[int, list[int]] = {}
+    for row, position in enumerate(positions):
+        rows.setdefault(position, []).append(row)
     for query, key in edges:
-        if not (0 <= query < queries and 0 <= key < keys):
+        if query not in rows:
+            continue
+        if not 0 <= key < keys:
             raise AttnScopeError(
-                f"knockout: edge ({query}, {key}) of {name!r} is outside this call's "
-                f"{queries} queries x {keys} keys (positions from 0)"
+                f"knockout: edge ({query}, {key}) of {name!r} names key {key}, outside this "
+                f"call's {keys} keys (positions from 0)"
             )
-        hidden[query, key] = True
+        if matched is not None:
+            matched.add((query, key))
+        for row in rows[query]:
+            hidden[row, key] = True
     whole = hidden.all(dim=-1).nonzero().flatten().tolist()
     if whole:
         raise AttnScopeError(
-            f"knockout: {name!r} query {whole[0]} would see no key at all (every edge of its "
-            "row knocked out): its output would be undefined; keep at least one key per query"
+            f"knockout: {name!r} query {positions[whole[0]]} would see no key at all (every "
+            "edge of its row knocked out): its output would be undefined; keep at least one key"
         )
     return hidden
 
@@ -148,11 +195,15 @@ def knock_out(
     key: Tensor,
     mask: Tensor | None,
     is_causal: bool,
+    groups: int = 0,
+    matched: set[tuple[int, int]] | None = None,
 ) -> Tensor:
     """sdpa's ``attn_mask`` with the edges hidden (bool: False; float: ``-inf``), for a call
-    with ``query`` (..., L, E) and ``key`` (..., S, E); ``is_causal`` becomes part of it."""
+    with ``query`` (..., L, E) and ``key`` (..., S, E); ``is_causal`` becomes part of it.
+    ``groups``: the query axis packs that many heads of one query, the last position."""
     queries, keys = query.size(-2), key.size(-2)
-    hidden = edge_mask(name, edges, queries, keys, query.device)
+    positions = [keys - 1] * queries if groups else None
+    hidden = edge_mask(name, edges, queries, keys, query.device, positions, matched)
     if is_causal:
         hidden = hidden | causal_hidden(queries, keys, query.device)
     if mask is None:

@@ -105,6 +105,11 @@ def head_importance(
         raise AttnScopeError(
             "head_importance(model, batches, loss): loss(outputs, batch) -> scalar"
         )
+    if isinstance(batches, (str, bytes)) or not isinstance(batches, Iterable):
+        raise AttnScopeError(
+            f"head_importance(model, batches, loss): batches must be an iterable of batches "
+            f"(e.g. a list of dicts or a DataLoader), got {type(batches).__name__}"
+        )
     modules = attention_modules(model)
     if not modules:
         raise AttnScopeError(f"found no attention module in {type(model).__name__}")
@@ -147,10 +152,14 @@ def _one_batch(
         {m: edits.Edit(n, heads=edits.scale_heads(scales)) for n, m in modules.items()}
     )
     with torch.enable_grad(), contextlib.ExitStack() as stack:
-        _activate(chosen, modules, stack)
+        check = _activate(chosen, modules, stack)
         value = loss(_run(model, batch), batch)
+        check()
     if not isinstance(value, Tensor) or value.numel() != 1:
-        raise AttnScopeError(f"loss(outputs, batch) must give a scalar tensor, got {value!r}")
+        got = (
+            f"a tensor of shape {tuple(value.shape)}" if isinstance(value, Tensor) else repr(value)
+        )
+        raise AttnScopeError(f"loss(outputs, batch) must give a scalar tensor, got {got}")
     if not masks:
         raise AttnScopeError("no attention head ran in the batch: nothing to weigh")
     if not value.requires_grad:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from . import edits
 from .adapters import default_adapters
-from .adapters.hf import head_count
+from .adapters.hf import arguments, head_count, padding_scopes
 from .adapters.sdpa import hold_edits
 from .errors import AttnScopeError
 from .intercept import Proceed, observe
@@ -51,27 +51,42 @@ def ablate(
     if how not in HOWS:
         raise AttnScopeError(f"how= takes 'zero' or 'mean', got {how!r}")
     modules = _modules(model, heads, "ablate")
-    padding: list[Tensor | None] = [None]
+    paddings: dict[str, Tensor | None] = {}  # the model's padding arguments, this forward
     for name, module in modules.items():
         _check_heads(name, module, heads[name])
+    scopes = padding_scopes(model, {id(m): n for n, m in model.named_modules()})
 
-    def valid() -> Tensor | None:
-        return None if padding[0] is None else ~padding[0]
+    def valid_of(name: str) -> Callable[[], Tensor | None]:
+        # the padding argument whose scope (a module-name prefix) is the longest that holds
+        # this module: an encoder-decoder's decoder has its own; cross-attention's queries
+        # are the decoder's positions too
+        argument = max(
+            (a for a, prefix in scopes.items() if not prefix or name.startswith(prefix + ".")),
+            key=lambda a: len(scopes[a]),
+            default=None,
+        )
+
+        def valid() -> Tensor | None:
+            padding = paddings.get(argument) if argument else paddings.get("")
+            return None if padding is None else ~padding
+
+        return valid
 
     chosen = {
         module: edits.Edit(
             name,
             heads=edits.zero_heads(list(heads[name]))
             if how == "zero"
-            else edits.mean_heads(list(heads[name]), valid),
+            else edits.mean_heads(list(heads[name]), valid_of(name)),
         )
         for name, module in modules.items()
     }
     with contextlib.ExitStack() as stack:
         if how == "mean":
-            observe(model, _padding_observer(padding), stack)
-        _activate(edits.EditSet(chosen), modules, stack)
+            observe(model, _padding_observer(paddings), stack)
+        check = _activate(edits.EditSet(chosen), modules, stack)
         yield
+        check()
 
 
 @contextlib.contextmanager
@@ -107,8 +122,9 @@ def knockout(model: nn.Module, edges: Mapping[str, Sequence[tuple[int, int]]]) -
                 )
         chosen[module] = edits.Edit(name, edges=[(int(q), int(k)) for q, k in pairs])
     with contextlib.ExitStack() as stack:
-        _activate(edits.EditSet(chosen), modules, stack)
+        check = _activate(edits.EditSet(chosen), modules, stack)
         yield
+        check()
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
@@ -158,29 +174,69 @@ def _check_heads(name: str, module: nn.Module, heads: Sequence[int]) -> None:
             )
 
 
-def _activate(chosen: edits.EditSet, modules: dict[str, nn.Module], stack: Any) -> None:
-    """The edits on, PyTorch's MHA fast paths off where one is edited; undone with ``stack``."""
-    torch_mha = any(isinstance(m, nn.MultiheadAttention) for m in modules.values())
+def _activate(
+    chosen: edits.EditSet, modules: dict[str, nn.Module], stack: Any
+) -> Callable[[], None]:
+    """The edits on (PyTorch's fused MHA paths aside on this thread where one is edited),
+    undone with ``stack``; the returned check raises if an edited module ran without its edit
+    reaching any of its calls."""
+    slow_paths = any(isinstance(m, nn.MultiheadAttention) for m in modules.values())
+    ran: dict[int, int] = {}
+
+    def count(module: nn.Module, args: Any, kwargs: Any, proceed: Proceed) -> Any:
+        ran[id(module)] = ran.get(id(module), 0) + 1
+        return proceed()
+
+    for module in modules.values():
+        observe(module, count, stack)
     hold_edits(stack)
-    stack.callback(edits.activate(chosen, stops_fast_path=torch_mha))
+    stack.callback(edits.activate(chosen, slow_paths=slow_paths))
+
+    def check() -> None:
+        for name, module in modules.items():
+            edit = chosen.edit_of(module)
+            missed = [] if edit is None else [e for e in edit.edges if e not in edit.matched]
+            if ran.get(id(module)) and chosen.applied.get(id(module)) and missed:
+                raise AttnScopeError(
+                    f"knockout: edge {missed[0]} of {name!r} names a query position that none "
+                    "of its calls had (outside the sequence; positions from 0): nothing was "
+                    "knocked out there"
+                )
+            if ran.get(id(module)) and not chosen.applied.get(id(module)):
+                raise AttnScopeError(
+                    f"{name!r} ran, but none of its calls reached scaled_dot_product_attention, "
+                    "where attnscope edits attention: it computes its attention itself (an eager "
+                    "implementation: load the model with attn_implementation='sdpa'; "
+                    "nn.MultiheadAttention asked for its weights: call it with "
+                    "need_weights=False), so nothing of it was edited"
+                )
+
+    return check
 
 
-def _padding_observer(padding: list[Tensor | None]) -> Any:
-    """Notes the (batch, length) padding of each forward of the model (True at padding)."""
+def _padding_observer(paddings: dict[str, Tensor | None]) -> Any:
+    """Notes each forward's padding arguments, (batch, length) True at padding: a Hugging
+    Face model's ``attention_mask`` and ``decoder_attention_mask`` (1 = keep), by keyword or
+    by position; a PyTorch encoder's ``src_key_padding_mask`` (True = pad) as ``""``."""
 
     def note(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
-        mask = padding_of(kwargs.get("attention_mask"))
-        if mask is None:
-            given = kwargs.get("src_key_padding_mask", kwargs.get("key_padding_mask"))
-            if isinstance(given, Tensor) and given.dim() == 2:
-                mask = given if given.dtype == torch.bool else given != 0
-        before = padding[0]
-        padding[0] = mask
+        bound = arguments(type(module).forward, (module, *args), kwargs)
+        now: dict[str, Tensor | None] = {
+            argument: padding_of(bound.get(argument))
+            for argument in ("attention_mask", "decoder_attention_mask")
+        }
+        given = bound.get("src_key_padding_mask", bound.get("key_padding_mask"))
+        if isinstance(given, Tensor) and given.dim() == 2:
+            now[""] = given if given.dtype == torch.bool else given != 0
+        before = dict(paddings)
+        paddings.clear()
+        paddings.update(now)
         try:
             return proceed()
         finally:
-            padding[0] = before
+            paddings.clear()
+            paddings.update(before)
 
     return note

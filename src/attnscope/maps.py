@@ -120,6 +120,11 @@ class AttentionMaps:
             maps._calls[name] = list((calls or self._calls)[name])
             maps._kinds[name] = self._kinds[name]
             maps._rows[name] = self._rows.get(name)
+            if calls is None:  # the same calls: their gradients and norms go with them
+                if name in self._grads:
+                    maps._grads[name] = self._grads[name]
+                if name in self._norms:
+                    maps._norms[name] = self._norms[name]
         maps._tokens, maps._target_tokens = self._tokens, self._target_tokens
         maps._skipped = dict(self._skipped)
         return maps
@@ -201,7 +206,8 @@ class AttentionMaps:
         """The same modules' maps weighted another way, for every figure, view and analysis
         that takes maps: ``by="grads"`` gives (∂L/∂A ⊙ A)⁺ per head (the relevance Chefer et
         al. 2021b roll out; needs ``grads=True``), ``by="norms"`` gives A_ij·‖f_h(x_j)‖
-        (Kobayashi et al. 2020; needs ``norms=True``).
+        (Kobayashi et al. 2020; needs ``norms=True``), as they are: not normalised
+        (``rollout(attn, weights="norms")`` first divides each row by its sum).
 
         >>> import torch
         >>> layer = torch.nn.TransformerEncoderLayer(8, 2, batch_first=True)

@@ -188,13 +188,15 @@ class _Panel:
             ax.set_ylabel(self.y[2], fontsize=size)
 
 
-def _colorbar(fig: Figure, image: Any, ax: Any, small: bool = False) -> None:
+def _colorbar(
+    fig: Figure, image: Any, ax: Any, small: bool = False, label: str = "attention weight"
+) -> None:
     bar = fig.colorbar(
         image,
         ax=ax,
         shrink=0.8 if not small else 0.9,
         fraction=0.15 if not small else 0.08,
-        label=None if small else "attention weight",
+        label=None if small else label,
     )
     if small:
         bar.ax.tick_params(labelsize=6)
@@ -357,7 +359,7 @@ def plot_head_importance(
     grid = torch.full((len(modules), heads), float("nan"))
     for r in rows:
         grid[modules.index(str(r["module"])), int(str(r["head"]))] = float(str(r["importance"]))
-    fig = _figure(1.2 + 0.55 * heads, 1.0 + 0.4 * len(modules))
+    fig = _figure(2.5 + 0.6 * heads, 1.2 + 0.4 * len(modules))
     ax = fig.add_subplot()
     image = ax.imshow(grid.numpy(), cmap=cmap, aspect="auto")
     ax.set_xticks(range(heads))
@@ -365,7 +367,7 @@ def plot_head_importance(
     ax.set_xlabel("head")
     ax.set_ylabel("module")
     top = float(torch.nan_to_num(grid, nan=0.0).max()) or 1.0
-    if len(modules) * heads <= 400:
+    if heads <= 16 and len(modules) <= 48:  # room for a number in every cell
         for (m, h), value in ((index, float(grid[index])) for index in _cells(grid)):
             ax.text(
                 h,
@@ -376,8 +378,8 @@ def plot_head_importance(
                 fontsize=6,
                 color="white" if value > 0.6 * top else "black",
             )
-    ax.set_title("head importance (Michel et al. 2019): sum of |dL/dxi|", fontsize=9)
-    _colorbar(fig, image, ax)
+    ax.set_title("head importance, sum of |dL/dξ|", fontsize=8)
+    _colorbar(fig, image, ax, label="importance")
     return fig
 
 

@@ -170,32 +170,63 @@ def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
     if not sessions and not edit_sets:
         return _SDPA.call_original(*args, **kwargs)
     callers = CallingModules(sys._getframe(1))
-    found = next((f for e in edit_sets if (f := e.edit_of(callers)) is not None), None)
-    if found is not None and found[1].edges:  # knockout: the edges hidden in the kernel's mask
-        call = _SdpaArgs(*args, **kwargs)
-        mask = edits.knock_out(
-            found[1].name, found[1].edges, call.query, call.key, call.attn_mask, call.is_causal
-        )
-        args, kwargs = call.with_mask(mask)
-    output = _SDPA.call_original(*args, **kwargs)
-    kernel_output = output
-    if found is not None and found[1].heads is not None:
-        if output.dim() != 4:
-            raise AttnScopeError(
-                f"{found[1].name!r} calls scaled_dot_product_attention without a heads axis "
-                f"(output {tuple(output.shape)}): there is no head to edit"
-            )
-        output = found[1].heads(found[0], output)
+    found = edits.edits_of(edit_sets, callers) if edit_sets else None
+    if found is not None:
+        args, kwargs, output, kernel_output = _edited_call(found[0], found[1], args, kwargs)
+    else:
+        output = kernel_output = _SDPA.call_original(*args, **kwargs)
     if any(session.wants_outputs for session in sessions):
         innermost = next(iter(callers), None)
-        if innermost is not None:  # for an adapter recording that module after it returns
+        if isinstance(innermost, nn.MultiheadAttention):  # recorded after it returns
             _kernel_outputs.value = (innermost, args, kwargs, kernel_output)
     for session in sessions:
         session.on_sdpa(callers, args, kwargs, kernel_output)
     return output
 
 
+def _edited_call(
+    module: nn.Module, chosen: list[edits.Edit], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any], Tensor, Tensor]:
+    """One sdpa call of an edited module: the mask with the knocked-out edges, then the head
+    edits of the kernel's output. Returns the call's arguments as run, the output the model
+    gets and the kernel's own output."""
+    call = _SdpaArgs(*args, **kwargs)
+    name = chosen[0].name
+    packed = hf.packed_gqa_groups(module, call.query, call.key)  # (batch, kv heads, groups, d)
+    edges = [edge for edit in chosen for edge in edit.edges]
+    if edges:
+        groups = call.query.size(-2) if packed else 0
+        matched: set[tuple[int, int]] = set()
+        mask = edits.knock_out(
+            name, edges, call.query, call.key, call.attn_mask, call.is_causal, groups, matched
+        )
+        for edit in chosen:
+            edit.matched |= matched & set(edit.edges)
+        args, kwargs = call.with_mask(mask)
+    kernel_output = _SDPA.call_original(*args, **kwargs)
+    output = kernel_output
+    head_edits = [edit.heads for edit in chosen if edit.heads is not None]
+    if head_edits:
+        if output.dim() != 4:
+            raise AttnScopeError(
+                f"{name!r} calls scaled_dot_product_attention without a heads axis (output "
+                f"{tuple(output.shape)}): there is no head to edit"
+            )
+        batch, kv_heads, groups, dim = output.shape
+        if packed:  # one head per (kv head, group): heads first, one query
+            output = output.reshape(batch, kv_heads * groups, 1, dim)
+        for head_edit in head_edits:
+            output = head_edit(module, output)
+        if packed:
+            output = output.reshape(batch, kv_heads, groups, dim)
+    return args, kwargs, output, kernel_output
+
+
 _kernel_outputs = threading.local()
+
+
+def _forget_kernel_output() -> None:
+    _kernel_outputs.value = None
 
 
 def take_kernel_output(module: nn.Module) -> tuple[Tensor, Tensor] | None:
@@ -253,6 +284,7 @@ class SdpaAdapter:
         for module in selected.values():
             observe(module, session.observe_attention_module, stack)
         _hold(session, stack)
+        stack.callback(_forget_kernel_output)  # nothing of the graph kept after the capture
         softmax.hold(session, stack)  # hand-written attention: the model's own softmax
 
 
@@ -780,9 +812,21 @@ def sdpa_call(
                 return value.repeat_interleave(heads // value.size(1), dim=1)
             return value
 
-    kernel_output = None
-    if output is not None and not packed:
-        kernel_output = output if output.dim() == 4 else output.unsqueeze(1)
+    kernel_output, note = None, None
+    if output is not None and call.dropout_p > 0:
+        note = (
+            f"it ran with attention dropout (p={call.dropout_p}): dL/dO . V^T would be the "
+            "gradient of the dropped-out weights, not of A; capture in eval mode"
+        )
+    elif output is not None and not packed:
+        kernel_output = output  # the tensor itself: a hook on a view of it would never fire
+    elif output is not None:  # one decoding step's heads packed into the query axis
+        kernel_output = output
+        grouped = call.value if call.value.dim() == 4 else call.value.unsqueeze(1)
+
+        def values() -> Tensor:
+            return grouped.repeat_interleave(heads // grouped.size(1), dim=1)
+
     return AttentionCall(
         kind,
         (batch, heads, queries, keys),
@@ -792,6 +836,7 @@ def sdpa_call(
         terms,
         values=values,
         output=kernel_output,
+        grad_note=note,
     )
 
 

@@ -570,7 +570,12 @@ class _Session:
         )
         if self.recorder.wants_outputs:
             ran = take_kernel_output(module)  # its Python path's sdpa call: values, output
-            if ran is not None and ran[1].dim() == 4:
+            if module.training and module.dropout > 0:
+                call.grad_note = (
+                    f"it ran with attention dropout (p={module.dropout}): dL/dO . V^T would be "
+                    "the gradient of the dropped-out weights, not of A; capture in eval mode"
+                )
+            elif ran is not None and ran[1].dim() == 4:
                 value, call.output = ran
                 call.values = lambda: value
         self.recorder.record(self.names[id(module)], call)
