@@ -139,7 +139,7 @@ class Explorer:
                 target_ids = torch.full((1, 1), int(start if start is not None else 0))
             inputs["decoder_input_ids"] = target_ids
         generated: list[str] = []
-        with torch.no_grad(), capture(self.model, lazy=not generate) as attn:
+        with torch.no_grad(), capture(self.model, lazy=not generate, norms=True) as attn:
             if generate:
                 pad = self.tokenizer.pad_token_id or self.tokenizer.eos_token_id or 0
                 out = self.model.generate(
