@@ -212,3 +212,20 @@ def test_pyarrow_is_an_extra_imported_only_when_a_table_is_built(
     monkeypatch.setitem(sys.modules, "pyarrow", None)  # as if not installed
     with pytest.raises(attnscope.AttnScopeError, match=r"pip install 'attnscope\[scan\]'"):
         attnscope.scan(tiny("bert"), tok, ["Hello"])
+
+
+@pytest.mark.parametrize(("queries", "keys"), [(5, 3), (3, 5), (1, 4)])
+def test_row_statistics_of_unequal_lengths(queries: int, keys: int) -> None:
+    weights = torch.softmax(torch.randn(2, 3, queries, keys, dtype=torch.float64), -1)
+    got = row_statistics(weights)  # no padding: the diagonal path
+    masked = row_statistics(  # keys padded on the left only: the general (gather) path
+        torch.nn.functional.pad(weights, (1, 0, 0, 1)),
+        torch.tensor([[True] * queries + [False]] * 2),
+        torch.tensor([[False] + [True] * keys] * 2),
+    )
+    for item in range(2):
+        want = row_values(weights[item])
+        for s in STATS:
+            expected = torch.tensor(want[s], dtype=torch.float64)
+            torch.testing.assert_close(got[s][item], expected, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(masked[s][item, :, :queries], expected)

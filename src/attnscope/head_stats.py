@@ -157,13 +157,8 @@ def row_statistics(
     device = weights.device
     query_pos = _positions(query_mask, batch, queries, device)  # (batch, query)
     key_pos = _positions(key_mask, batch, keys, device)  # (batch, key)
-    # the key index at each valid position, per batch item; `keys` where there is none
-    key_at = torch.full((batch, keys + 1), keys, dtype=torch.long, device=device)
-    key_index = torch.arange(keys, device=device).expand(batch, keys)
-    key_at.scatter_(1, torch.where(key_pos >= 0, key_pos, keys), key_index)
-    key_at[:, keys] = keys
-
-    apart = _apart(query_pos, key_pos, weights)
+    offsets = _offset(query_pos), _offset(key_pos)
+    apart = _apart(query_pos, key_pos, offsets, weights)
     # Two passes over the map (entropy, distance), a few (item, head) maps at a time so that
     # the work buffer stays in the cache: each pass reads and writes it several times.
     shared = apart.dim() == 2  # one layout for all: chunks may cut across batch items
@@ -185,6 +180,20 @@ def row_statistics(
     entropy, distance = entropy.view(batch, heads, queries), distance.view(batch, heads, queries)
     entropy.neg_()
 
+    if all(o is not None and not bool(o.any()) for o in offsets):  # p(i) = i: diagonals
+        return {
+            "entropy": entropy,
+            "distance": distance,
+            "first": weights[..., 0],
+            "previous": _diagonal(weights, -1, queries),
+            "self": _diagonal(weights, 0, queries),
+        }
+    # the key index at each valid position, per batch item; `keys` where there is none
+    key_at = torch.full((batch, keys + 1), keys, dtype=torch.long, device=device)
+    key_index = torch.arange(keys, device=device).expand(batch, keys)
+    key_at.scatter_(1, torch.where(key_pos >= 0, key_pos, keys), key_index)
+    key_at[:, keys] = keys
+
     def share(position: Tensor) -> Tensor:  # (batch, query) positions -> the weights there
         index = key_at.gather(1, position.clamp(0, keys))
         index = index.masked_fill((position < 0) | (query_pos < 0), keys)
@@ -202,13 +211,26 @@ def row_statistics(
     }
 
 
-def _apart(query_pos: Tensor, key_pos: Tensor, weights: Tensor) -> Tensor:
+def _diagonal(weights: Tensor, offset: int, queries: int) -> Tensor:
+    """``w[..., i, i + offset]`` for every query ``i``, 0 where that key does not exist."""
+    diagonal = weights.diagonal(offset=offset, dim1=-2, dim2=-1)
+    before = -offset if offset < 0 else 0
+    after = queries - before - diagonal.size(-1)
+    return torch.nn.functional.pad(diagonal, (before, after))
+
+
+def _apart(
+    query_pos: Tensor,
+    key_pos: Tensor,
+    offsets: tuple[Tensor | None, Tensor | None],
+    weights: Tensor,
+) -> Tensor:
     """``|p(i) - p(j)|``, broadcasting against the weights: one (query, key) matrix where the
     layout is the same for every batch item (right padding, or the same left padding on both
     sides), (batch, 1, query, key) otherwise."""
     queries, keys = query_pos.size(1), key_pos.size(1)
     device, dtype = weights.device, weights.dtype
-    offset_q, offset_k = _offset(query_pos), _offset(key_pos)
+    offset_q, offset_k = offsets
     if offset_q is not None and offset_k is not None:  # p(i) = i - offset: one run of tokens
         shift = offset_k - offset_q
         steps = torch.arange(queries, device=device)[:, None] - torch.arange(keys, device=device)
