@@ -58,6 +58,7 @@ the markdown tables from it.
 
     python benchmarks/perf.py [--cases hfbert-b1 ...] [--rounds 20] [--budget 120]
         [--threads N] [--no-memory] [--device cuda] [--lengths 1024 4096] [--quick]
+        [--new-tokens 128]
     python benchmarks/perf.py --list | --table
 """
 
@@ -95,6 +96,7 @@ FORMAT = 2  # of perf.json; a file of another format is replaced, not merged
 LENGTH = 512  # tokens of the HF and nn cases unless --lengths says otherwise
 DEVICE = torch.device("cpu")
 SOLO = False  # in a memory subprocess: build only what the one variant needs
+NEW_TOKENS = 128  # of the generate case (--new-tokens, for a smoke run on a slow machine)
 
 CASES = {
     "hfbert-b1": "HF BertModel, BERT-base config, sdpa, batch 1",
@@ -408,8 +410,8 @@ def _generate_case() -> Case:
     options: dict[str, Any] = {
         "input_ids": ids.to(DEVICE),
         "attention_mask": torch.ones_like(ids).to(DEVICE),
-        "max_new_tokens": 128,
-        "min_new_tokens": 128,
+        "max_new_tokens": NEW_TOKENS,
+        "min_new_tokens": NEW_TOKENS,
         "do_sample": False,
         "pad_token_id": 50256,
     }
@@ -597,7 +599,8 @@ def _run_one(case: str, variant: str, length: int) -> None:
 
 def peaks(case: str, variant: str, length: int, threads: int | None) -> dict[str, Any]:
     command = [sys.executable, __file__, "--one", case, variant, "--device", str(DEVICE)]
-    command += ["--lengths", str(length)] + (["--threads", str(threads)] if threads else [])
+    command += ["--lengths", str(length), "--new-tokens", str(NEW_TOKENS)]
+    command += ["--threads", str(threads)] if threads else []
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         return {"error": done.stderr.strip().splitlines()[-1:]}
@@ -646,6 +649,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "attnscope": attnscope.__version__,
+        "attnscope_path": str(Path(attnscope.__file__).resolve().parent),
         "git": _git_revision(),
     }
     with contextlib.suppress(ImportError):
@@ -658,20 +662,26 @@ def machine() -> dict[str, Any]:
 
 
 def _git_revision() -> str | None:
+    """The git revision of the attnscope imported (not of this file: PYTHONPATH may point
+    elsewhere), marked when its package has uncommitted changes; None outside a checkout."""
+    package = Path(attnscope.__file__).resolve().parent
+
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["git", "-C", str(HERE), *args], capture_output=True, text=True, check=False
+            ["git", "-C", str(package), *args], capture_output=True, text=True, check=False
         )
 
     head = git("rev-parse", "--short=12", "HEAD")
     if head.returncode:
         return None
-    dirty = git("status", "--porcelain", "--", "../src").stdout.strip()
-    return head.stdout.strip() + ("+uncommitted src changes" if dirty else "")
+    dirty = git("status", "--porcelain", "--", ".").stdout.strip()
+    return head.stdout.strip() + ("+uncommitted changes in attnscope" if dirty else "")
 
 
 def case_key(case: str, length: int) -> str:
     key = case if length == LENGTH or case not in HF_CASES else f"{case}@{length}"
+    if case == "generate" and NEW_TOKENS != 128:
+        key = f"{case}@{NEW_TOKENS}new"
     return key if DEVICE.type == "cpu" else f"{DEVICE.type}:{key}"
 
 
@@ -686,6 +696,7 @@ def run_case(case: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         "min_rounds": args.rounds,
         "budget_s": args.budget,
         "quick": args.quick,
+        "new_tokens": NEW_TOKENS if case == "generate" else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(),
     }
@@ -873,11 +884,14 @@ def main() -> None:
         "--lengths", type=int, nargs="+", default=[LENGTH], help="tokens of the HF cases"
     )
     parser.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, no memory")
+    parser.add_argument(
+        "--new-tokens", type=int, default=128, help="of the generate case (default 128)"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", nargs=2, metavar=("CASE", "VARIANT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
-    global DEVICE
-    DEVICE = torch.device(args.device)
+    global DEVICE, NEW_TOKENS
+    DEVICE, NEW_TOKENS = torch.device(args.device), args.new_tokens
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
