@@ -166,6 +166,7 @@ class Accumulator:
         self._target: Tensor | None = None
         self._texts: dict[str, tuple[Tensor, Tensor]] = {}  # per-text sums, rows this batch
         self._bins: tuple[Tensor, Tensor] | None = None
+        self._rows: dict[int, tuple[Tensor, Tensor]] = {}  # per mask of this batch
         self._scratch: Tensor | None = None  # one map's worth, reused call after call
 
     def begin(self, ids: Tensor, input_mask: Tensor, target_mask: Tensor | None = None) -> None:
@@ -175,6 +176,7 @@ class Accumulator:
         self._input = input_mask.bool()
         self._target = None if target_mask is None else target_mask.bool()
         self._texts = {}
+        self._rows = {}
 
     def __call__(self, name: str, kind: str, weights: Tensor) -> None:
         if self._ids is None or self._input is None:
@@ -187,29 +189,38 @@ class Accumulator:
         if self._scratch.dtype != dtype:
             self._scratch = self._scratch.to(dtype)
         per_row = row_statistics(weights, query_mask, key_mask, scratch=self._scratch)
-        values = torch.stack([per_row[s] for s in STATISTICS])  # (stats, b, h, q)
-        del per_row
         sums = self.modules.get(name)
         if sums is None:
             sums = self.modules[name] = HeadSums(kind, heads, self.top_k)
         elif sums.heads != heads:
             raise AttnScopeError(f"{name!r} was called with {sums.heads} and {heads} heads")
-        count = int(query_mask.sum())
+        text_of_row, text_rows = self._rows_of(query_mask)
+        count = text_of_row.numel()
         if not count:
             return
-        rows = query_mask[:, None, :].to(values.dtype)  # (b, 1, q)
-        text_sums = (values * rows).sum(dim=-1, dtype=torch.float64)  # (stats, b, h)
+        # the valid rows only, (stats, heads, rows) in (item, query) order
+        values = torch.stack([per_row[s] for s in STATISTICS])  # (stats, b, h, q)
+        del per_row
         valid = values.transpose(1, 2)[:, :, query_mask]  # (stats, h, rows)
         exact = valid.double()
         mean = exact.mean(dim=-1)
         deviation = exact - mean[..., None]
-        sums.add_moments(count, mean, (deviation * deviation).sum(dim=-1))
+        sums.add_moments(count, mean, deviation.mul_(deviation).sum(dim=-1))
         sums.hist += self._histogram(valid, heads)
-        text_rows = query_mask.sum(dim=-1).to(torch.float64)  # (b,)
+        text_sums = exact.new_zeros(*exact.shape[:2], query_mask.size(0))  # (stats, heads, b)
+        text_sums.index_add_(-1, text_of_row, exact)
         held = self._texts.get(name)
         if held is not None:  # a module called again in this forward (shared weights)
             text_sums, text_rows = held[0] + text_sums, held[1] + text_rows
         self._texts[name] = (text_sums, text_rows)
+
+    def _rows_of(self, query_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch item of each valid row, and each item's count of them (kept per batch)."""
+        held = self._rows.get(id(query_mask))
+        if held is None:
+            held = (query_mask.nonzero()[:, 0], query_mask.sum(dim=-1).to(torch.float64))
+            self._rows[id(query_mask)] = held
+        return held
 
     def end(self) -> None:
         """Close the batch: per-text means join each head's top-k."""
@@ -219,9 +230,10 @@ class Accumulator:
             seen = text_rows > 0
             if not bool(seen.any()):
                 continue
-            means = text_sums[:, seen] / text_rows[seen][None, :, None]  # (stats, b', h)
-            self.modules[name].add_top(means.transpose(1, 2), self._ids[seen])
+            means = text_sums[:, :, seen] / text_rows[seen]  # (stats, heads, b')
+            self.modules[name].add_top(means, self._ids[seen])
         self._ids, self._input, self._target, self._texts = None, None, None, {}
+        self._rows = {}
 
     def _masks_of(self, name: str, kind: str, queries: int, keys: int) -> tuple[Tensor, Tensor]:
         assert self._input is not None
@@ -251,7 +263,7 @@ class Accumulator:
             highs = torch.tensor([self.ranges[s][1] for s in STATISTICS], dtype=valid.dtype)
             self._bins = (lows.view(-1, 1, 1), (BINS / (highs - lows)).view(-1, 1, 1))
         low, scale = self._bins
-        index = ((valid - low) * scale).clamp_(0, BINS - 1).long()  # >= 0: truncation floors
+        index = torch.addcmul(-low * scale, valid, scale).clamp_(0, BINS - 1).long()  # floors
         index += torch.arange(stats * heads).view(stats, heads, 1) * BINS
         return torch.bincount(index.view(-1), minlength=stats * heads * BINS).view(
             stats, heads, BINS
