@@ -166,7 +166,7 @@ class Accumulator:
         self._target: Tensor | None = None
         self._texts: dict[str, tuple[Tensor, Tensor]] = {}  # per-text sums, rows this batch
         self._bins: tuple[Tensor, Tensor] | None = None
-        self._rows: dict[int, tuple[Tensor, Tensor]] = {}  # per mask of this batch
+        self._rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per mask of this batch
         self._scratch: Tensor | None = None  # one map's worth, reused call after call
 
     def begin(self, ids: Tensor, input_mask: Tensor, target_mask: Tensor | None = None) -> None:
@@ -194,31 +194,36 @@ class Accumulator:
             sums = self.modules[name] = HeadSums(kind, heads, self.top_k)
         elif sums.heads != heads:
             raise AttnScopeError(f"{name!r} was called with {sums.heads} and {heads} heads")
-        text_of_row, text_rows = self._rows_of(query_mask)
-        count = text_of_row.numel()
+        flat, rows, text_rows = self._rows_of(query_mask)
+        count = flat.numel()
         if not count:
             return
         # the valid rows only, (stats, heads, rows) in (item, query) order
         values = torch.stack([per_row[s] for s in STATISTICS])  # (stats, b, h, q)
         del per_row
-        valid = values.transpose(1, 2)[:, :, query_mask]  # (stats, h, rows)
+        valid = values.transpose(1, 2).reshape(*values.shape[:1], heads, -1).index_select(-1, flat)
         exact = valid.double()
         mean = exact.mean(dim=-1)
         deviation = exact - mean[..., None]
         sums.add_moments(count, mean, deviation.mul_(deviation).sum(dim=-1))
         sums.hist += self._histogram(valid, heads)
-        text_sums = exact.new_zeros(*exact.shape[:2], query_mask.size(0))  # (stats, heads, b)
-        text_sums.index_add_(-1, text_of_row, exact)
+        # per text, in the kernel's dtype: a text's mean ranks it, to its last digits or so
+        text_sums = (values * rows.to(values.dtype)).sum(dim=-1).double().transpose(1, 2)
         held = self._texts.get(name)
         if held is not None:  # a module called again in this forward (shared weights)
             text_sums, text_rows = held[0] + text_sums, held[1] + text_rows
         self._texts[name] = (text_sums, text_rows)
 
-    def _rows_of(self, query_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """The batch item of each valid row, and each item's count of them (kept per batch)."""
+    def _rows_of(self, query_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The flat (item, query) index of each valid row, the mask as (b, 1, q), and each
+        item's count of valid rows; kept for the batch (every layer has the same)."""
         held = self._rows.get(id(query_mask))
         if held is None:
-            held = (query_mask.nonzero()[:, 0], query_mask.sum(dim=-1).to(torch.float64))
+            held = (
+                query_mask.reshape(-1).nonzero()[:, 0],
+                query_mask[:, None, :],
+                query_mask.sum(dim=-1).to(torch.float64),
+            )
             self._rows[id(query_mask)] = held
         return held
 
