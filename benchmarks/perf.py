@@ -82,7 +82,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -281,7 +281,7 @@ def _nn_case(case: str) -> Case:
         """The recompute variants take the route they name, and agree with the composition."""
         facts: dict[str, Any] = {}
         with torch.no_grad():
-            expected = plain()
+            expected = model()(x)
             for lazy in (False, True) if keeps_queries else (False,):
                 calls = [0]
                 with attnscope.capture(model(), lazy=lazy) as composed:
@@ -310,7 +310,7 @@ def _hf_variants(
     def eager() -> nn.Module:
         # a memory subprocess of this one variant converts the only model instead of copying it
         copied = model() if SOLO else copy.deepcopy(model())
-        copied.set_attn_implementation("eager")
+        copied.set_attn_implementation("eager")  # type: ignore[operator]
         return copied
 
     def plain() -> object:
@@ -403,7 +403,7 @@ def _generate_case() -> Case:
     @functools.cache
     def eager() -> nn.Module:
         copied = model() if SOLO else copy.deepcopy(model())
-        copied.set_attn_implementation("eager")
+        copied.set_attn_implementation("eager")  # type: ignore[operator]
         return copied
 
     ids = torch.randint(1000, 20000, (1, 16), generator=torch.Generator().manual_seed(1))
@@ -440,7 +440,7 @@ def _generate_case() -> Case:
 
 def _compiled_case() -> Case:
     model = functools.cache(lambda: _hf_model(False, LENGTH))
-    compiled = functools.cache(lambda: torch.compile(model()))
+    compiled = functools.cache(lambda: cast(nn.Module, torch.compile(model())))
     inputs = _hf_inputs(False, 1, LENGTH)
     try:
         with torch.no_grad(), attnscope.capture(compiled()):
@@ -703,6 +703,7 @@ def run_case(case: str, length: int, args: argparse.Namespace) -> dict[str, Any]
     if case == "scan":
         scan = _scan_module()  # its own options, at its defaults but for the rounds
         options = ["--repeats", str(args.rounds)] + (["--texts", "64"] if args.quick else [])
+        options += ["--threads", str(args.threads)] if args.threads else []
         entry["result"] = scan.run(scan.parse(options))
         entry["seconds"] = round(time.perf_counter() - started, 1)
         return entry
@@ -741,12 +742,16 @@ def _scan_module() -> Any:
 
 
 def load(path: Path) -> dict[str, Any]:
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous.get("format") == FORMAT:
-            return dict(previous)
-        print(f"{path}: written by an older perf.py; its figures are replaced", file=sys.stderr)
-    return {"benchmark": "perf", "format": FORMAT, "cases": {}, "smoke": {}}
+    """The results so far; a file of an older perf.py is kept whole under ``history``."""
+    fresh: dict[str, Any] = {"benchmark": "perf", "format": FORMAT, "cases": {}, "smoke": {}}
+    if not path.exists():
+        return fresh
+    previous = json.loads(path.read_text())
+    if previous.get("format") == FORMAT:
+        return dict(previous)
+    print(f"{path}: written by an older perf.py, kept under 'history'", file=sys.stderr)
+    fresh["history"] = {"perf.py before issue #15": previous}
+    return fresh
 
 
 def save(path: Path, report: dict[str, Any]) -> None:
@@ -806,7 +811,8 @@ def table(report: dict[str, Any], section: str = "cases") -> str:
             figures = {
                 name: round(value, 3) if isinstance(value, float) else value
                 for name, value in entry["result"].items()
-                if isinstance(value, (int, float, str)) and name != "note"
+                if isinstance(value, (int, float))
+                and ("ratio" in name or "per_s" in name or name in ("texts", "tokens"))
             }
             notes.append(f"- {key}: {json.dumps(figures)}")
             continue
@@ -895,7 +901,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.one:
-        _run_one(*args.one, args.lengths[0])
+        case, variant = args.one
+        _run_one(case, variant, args.lengths[0])
         return
     available = [c for c in CASES if c != "scan" or (HERE / "scan_throughput.py").exists()]
     if args.list:
@@ -923,7 +930,8 @@ def main() -> None:
             report.setdefault(section, {})[key] = entry
             report["machine"] = entry["machine"]
             save(args.out, report)
-            print(json.dumps({key: entry.get("variants", entry.get("refused"))}), flush=True)
+            shown = next(entry[k] for k in ("variants", "refused", "result") if k in entry)
+            print(json.dumps({key: shown}), flush=True)
     print(f"wrote {args.out}")
 
 
