@@ -29,7 +29,8 @@ Why a composition, not the simpler route (the fused kernel left alone and the we
 recomputed beside it from the layer's input and in_proj weights, as ``torch_nn.mha_call``
 does off the CPU or when another function stands in front of the kernel): the kernel has
 computed the weights already, and a recompute does the q/k projection, ``q kᵀ`` and softmax
-over again. ``benchmarks/fused_encoder_route.py`` over 16 shapes (d_model 256/512, length
+over again. The 16-shape run (``benchmarks/README.md``'s history; ``benchmarks/perf.py``'s
+``full-recompute`` and ``lazy-recompute`` variants measure it now) over d_model 256/512, length
 128/512, batch 1/8, with and without a padding mask, that is nested tensors; 2 layers, 8
 heads, eval + ``no_grad``, a 2-core CPU at one thread; the median over 25 interleaved rounds
 of the per-round ratio to the plain forward):
@@ -55,8 +56,8 @@ up to about twice the embedding size (BERT-base at 512 tokens, batch 1). Beyond 
 nested input, the kernel runs itself and the lazy capture holds copies of the layer's input
 and of the query and key projections (half of q and k, plus a constant; pooled, see
 ``torch_nn._owned``), computing q and k on access: less memory, and less to write during the
-forward. Keeping q and k buys memory, not time: in ``benchmarks/fused_encoder_route.py`` a
-lazy capture's forward costs the same by either route where both apply (1.07-1.47x, the q/k
+forward. Keeping q and k buys memory, not time: in the 16-shape run a lazy capture's forward
+costs the same by either route where both apply (1.07-1.47x, the q/k
 route between 0.02 faster and 0.06 slower), and two layers at batch 1, length 128 hold 0.5
 MiB instead of 1.25 MiB (d_model 256) and 1 MiB instead of 4.5 MiB (d_model 512).
 
