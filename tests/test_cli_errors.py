@@ -289,3 +289,27 @@ def test_run_keeps_an_earlier_run_unless_forced(
     assert attnscope.load(out / "attention.safetensors").tokens == [
         ["[CLS]", "the", "cat", "sat", ".", "[SEP]"]
     ]
+
+
+def test_run_refuses_a_model_folder_without_a_tokenizer(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Without tokenizer files transformers would build a tokenizer of a few special tokens
+    and every word would become [UNK]: the folder is refused, for run, serve and scan alike."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=37,
+        vocab_size=99,
+    )
+    transformers.BertModel(config).save_pretrained(tmp_path / "model")
+    out = tmp_path / "out"
+    fails_cleanly(
+        ["run", str(tmp_path / "model"), "--text", "hi", "--out", str(out)],
+        capsys,
+        "has no tokenizer",
+    )
+    assert not out.exists()

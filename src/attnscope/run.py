@@ -45,6 +45,29 @@ def default_model_path() -> str:
     return str(package.get_model_path())
 
 
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "vocab.txt",
+    "vocab.json",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tokenizer.model",
+    "spm.model",
+    "source.spm",
+    "vocab.model",
+)
+"""A model folder holds its tokenizer in at least one of these (without one, transformers
+builds a tokenizer of a few special tokens, and every word becomes ``[UNK]``)."""
+
+
+def check_tokenizer(folder: Path) -> None:
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise AttnScopeError(
+            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...); save "
+            "it beside the model with tokenizer.save_pretrained(folder)"
+        )
+
+
 def _load(model_path: str) -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
@@ -67,6 +90,7 @@ def _load(model_path: str) -> tuple[Any, Any]:
     if not (folder / "config.json").is_file():
         raise AttnScopeError(f"{model_path} has no config.json: is it a Hugging Face model folder?")
     _check_config(folder / "config.json")
+    check_tokenizer(folder)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
         config = transformers.AutoConfig.from_pretrained(folder, local_files_only=True)

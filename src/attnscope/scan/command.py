@@ -16,23 +16,12 @@ from typing import Any
 
 from ..errors import AttnScopeError
 from ..progress import Progress
+from ..run import check_tokenizer
 from ..serialization import write_atomically
 from .engine import ShardResult, ShardRunner
 from .reader import TextFile, import_pyarrow_parquet, open_texts
 from .store import ScanFolder, shards_of
 from .tables import heads_table, top_ids, top_table
-
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "vocab.txt",
-    "vocab.json",
-    "spiece.model",
-    "sentencepiece.bpe.model",
-    "tokenizer.model",
-    "spm.model",
-    "source.spm",
-    "vocab.model",
-)
 
 
 @dataclass
@@ -109,11 +98,7 @@ def model_folder(model: str | None) -> Path:
         )
     if not (folder / "config.json").is_file():
         raise AttnScopeError(f"{folder} has no config.json: is it a Hugging Face model folder?")
-    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
-        raise AttnScopeError(
-            f"{folder} has no tokenizer (none of {', '.join(TOKENIZER_FILES[:4])}, ...); save "
-            "it beside the model with tokenizer.save_pretrained(folder)"
-        )
+    check_tokenizer(folder)
     return folder.resolve()
 
 
