@@ -162,9 +162,13 @@ def _ours(value: Any, kernel: Callable[..., Any]) -> bool:
 
 
 def _unseen(value: Any, kernel: Callable[..., Any]) -> str | None:
-    """How ``value`` holds flex_attention out of a replacement's reach, if it does."""
-    if getattr(value, "_torchdynamo_orig_callable", None) is kernel:
-        return "a torch.compile(flex_attention)"
+    """How ``value`` holds flex_attention out of a replacement's reach, if it does (only a
+    function or a partial can: the scan asks this of every global and attribute it reads, and
+    a getattr on anything else, a lazily importing module among them, costs more)."""
+    if isinstance(value, types.FunctionType):
+        if getattr(value, "_torchdynamo_orig_callable", None) is kernel:
+            return "a torch.compile(flex_attention)"
+        return None
     if isinstance(value, functools.partial) and _ours(value.func, kernel):
         return "a functools.partial of it"
     return None
