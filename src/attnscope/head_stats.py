@@ -27,8 +27,10 @@ from .maps import AttentionMaps
 COLUMNS = ("module", "head", "entropy", "distance", "first", "previous", "self", "role")
 
 
-class HeadTable:
-    """Rows of per-head statistics; iterate for dicts, ``to_csv()`` for a file, print to read."""
+class RowTable:
+    """Rows of per-head values under ``columns``; iterate for dicts, ``to_csv()`` for a file."""
+
+    columns: tuple[str, ...] = ()
 
     def __init__(self, rows: list[dict[str, object]]) -> None:
         self.rows = rows
@@ -42,17 +44,10 @@ class HeadTable:
     def __getitem__(self, index: int) -> dict[str, object]:
         return dict(self.rows[index])
 
-    def roles(self) -> dict[str, int]:
-        """How many heads have each role."""
-        counts: dict[str, int] = {}
-        for row in self.rows:
-            counts[str(row["role"])] = counts.get(str(row["role"]), 0) + 1
-        return counts
-
     def to_csv(self, path: str | None = None) -> str:
         """The table as CSV text; also written to ``path`` when given."""
         buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
+        writer = csv.DictWriter(buffer, fieldnames=self.columns, lineterminator="\n")
         writer.writeheader()
         for row in self.rows:
             writer.writerow(
@@ -63,6 +58,19 @@ class HeadTable:
             with open(path, "w", encoding="utf-8") as file:
                 file.write(text)
         return text
+
+
+class HeadTable(RowTable):
+    """Rows of per-head statistics; iterate for dicts, ``to_csv()`` for a file, print to read."""
+
+    columns = COLUMNS
+
+    def roles(self) -> dict[str, int]:
+        """How many heads have each role."""
+        counts: dict[str, int] = {}
+        for row in self.rows:
+            counts[str(row["role"])] = counts.get(str(row["role"]), 0) + 1
+        return counts
 
     def __str__(self) -> str:
         width = max([len("module")] + [len(str(r["module"])) for r in self.rows])

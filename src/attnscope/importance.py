@@ -10,9 +10,7 @@ supported, with its fused kernels; the model's parameters and their ``.grad`` ar
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -20,26 +18,17 @@ from torch import Tensor, nn
 
 from . import edits
 from .errors import AttnScopeError
+from .head_stats import RowTable
 from .interventions import _activate, attention_modules
 
 COLUMNS = ("module", "head", "importance")
 
 
-class ImportanceTable:
+class ImportanceTable(RowTable):
     """One row per (module, head): ``module``, ``head``, ``importance``; iterate for dicts,
     ``matrix()`` for (modules, heads), ``to_csv()`` for a file, print to read."""
 
-    def __init__(self, rows: list[dict[str, object]]) -> None:
-        self.rows = rows
-
-    def __iter__(self) -> Iterator[dict[str, object]]:
-        return iter(dict(row) for row in self.rows)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, index: int) -> dict[str, object]:
-        return dict(self.rows[index])
+    columns = COLUMNS
 
     @property
     def modules(self) -> list[str]:
@@ -56,19 +45,6 @@ class ImportanceTable:
                 str(row["importance"])
             )
         return grid
-
-    def to_csv(self, path: str | None = None) -> str:
-        buffer = io.StringIO()
-        writer = csv.DictWriter(buffer, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for row in self.rows:
-            writer.writerow(
-                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
-            )
-        if path is not None:
-            with open(path, "w", encoding="utf-8") as file:
-                file.write(buffer.getvalue())
-        return buffer.getvalue()
 
     def __str__(self) -> str:
         width = max([len("module")] + [len(str(r["module"])) for r in self.rows])

@@ -354,11 +354,11 @@ def plot_head_importance(
             "plot_head_importance takes attnscope.head_importance(...)'s table: rows with "
             "module, head and importance"
         )
-    modules = list(dict.fromkeys(str(r["module"]) for r in rows))
-    heads = 1 + max(int(str(r["head"])) for r in rows)
-    grid = torch.full((len(modules), heads), float("nan"))
-    for r in rows:
-        grid[modules.index(str(r["module"])), int(str(r["head"]))] = float(str(r["importance"]))
+    from .importance import ImportanceTable
+
+    importance = ImportanceTable([dict(r) for r in rows])
+    modules, grid = importance.modules, importance.matrix()
+    heads = grid.size(1)
     fig = _figure(2.5 + 0.6 * heads, 1.2 + 0.4 * len(modules))
     ax = fig.add_subplot()
     image = ax.imshow(grid.numpy(), cmap=cmap, aspect="auto")
