@@ -91,6 +91,14 @@ class GradSlot:
         return self.select(torch.matmul(d_output, self.values.transpose(-1, -2)))
 
 
+def dropout_note(p: float) -> str:
+    """Why a call that ran with attention dropout has no ∂L/∂A (``GradSlot``'s note)."""
+    return (
+        f"it ran with attention dropout (p={p}): dL/dO . V^T would be the gradient of the "
+        "dropped-out weights, not of A; capture in eval mode"
+    )
+
+
 def output_projection(
     model: nn.Module, name: str, named: Mapping[str, str] | None = None
 ) -> nn.Module | None:

@@ -46,6 +46,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .. import edits, pool
+from ..attribution import dropout_note
 from ..calls import hidden_keys, kind_of
 from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
@@ -814,10 +815,7 @@ def sdpa_call(
 
     kernel_output, note = None, None
     if output is not None and call.dropout_p > 0:
-        note = (
-            f"it ran with attention dropout (p={call.dropout_p}): dL/dO . V^T would be the "
-            "gradient of the dropped-out weights, not of A; capture in eval mode"
-        )
+        note = dropout_note(call.dropout_p)
     elif output is not None and not packed:
         kernel_output = output  # the tensor itself: a hook on a view of it would never fire
     elif output is not None:  # one decoding step's heads packed into the query axis

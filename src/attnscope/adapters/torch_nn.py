@@ -42,6 +42,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
 from .. import edits, pool
+from ..attribution import dropout_note
 from ..calls import kind_of
 from ..errors import AttnScopeError
 from ..intercept import Proceed, observe
@@ -571,10 +572,7 @@ class _Session:
         if self.recorder.wants_outputs:
             ran = take_kernel_output(module)  # its Python path's sdpa call: values, output
             if module.training and module.dropout > 0:
-                call.grad_note = (
-                    f"it ran with attention dropout (p={module.dropout}): dL/dO . V^T would be "
-                    "the gradient of the dropped-out weights, not of A; capture in eval mode"
-                )
+                call.grad_note = dropout_note(module.dropout)
             elif ran is not None and ran[1].dim() == 4:
                 value, call.output = ran
                 call.values = lambda: value
