@@ -77,6 +77,7 @@ class _Recorder:
         self.model = model
         self.wants_outputs = grads or norms is not None
         self.slots: list[GradSlot] = []
+        self.projections: dict[str, nn.Module | None] = {}  # found once per module
         self.heads = None if heads is None else list(heads)
         self.rows = None if rows is None else list(rows)
         self.to = to
@@ -156,7 +157,9 @@ class _Recorder:
         if call.values is None:
             return "its adapter gives no values for it (only its weights)"
         assert self.model is not None and self.norms is not None
-        projection = output_projection(self.model, name, self.norms)
+        if name not in self.projections:
+            self.projections[name] = output_projection(self.model, name, self.norms)
+        projection = self.projections[name]
         if projection is None:
             return (
                 "no output projection was found (looked for "
