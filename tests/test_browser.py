@@ -14,6 +14,7 @@ import torch
 import attnscope
 from attnscope import AttentionMaps, AttnScopeError
 from attnscope.view import AttentionPage, safe_json
+from watched import watch
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 playwright_api = pytest.importorskip("playwright.sync_api")
@@ -46,27 +47,9 @@ def browser() -> Iterator[object]:
 class Opened:
     def __init__(self, browser: object, path: Path) -> None:
         self.page = browser.new_page(viewport={"width": 1300, "height": 1000})  # type: ignore[attr-defined]
-        self.errors: list[str] = []
-        self.requests: list[str] = []
-        self.dialogs: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-        def dialog(d: object) -> None:
-            self.dialogs.append(d.message)  # type: ignore[attr-defined]
-            d.dismiss()  # type: ignore[attr-defined]
-
-        self.page.on("dialog", dialog)
-
-        def route(r: object) -> None:
-            url = r.request.url  # type: ignore[attr-defined]
-            if url.startswith(("file:", "data:", "blob:")):
-                r.continue_()  # type: ignore[attr-defined]
-            else:
-                self.requests.append(url)
-                r.abort()  # type: ignore[attr-defined]
-
-        self.page.route("**/*", route)
+        self.errors, self.dialogs, self.requests = watch(
+            self.page, self.page, ("file:", "data:", "blob:")
+        )
         self.page.goto(path.as_uri())
         self.page.wait_for_selector(".attnscope-root[data-ready=true]", timeout=30_000)
 

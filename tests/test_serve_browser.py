@@ -29,6 +29,7 @@ if not os.path.exists(CHROMIUM):
 
 from attnscope.serve import Explorer, create_app  # noqa: E402
 from attnscope.words import merge  # noqa: E402
+from watched import watch  # noqa: E402
 
 TOKEN = "browser-test-token"
 PWN = "window.__pwned=1;alert(1)"
@@ -94,27 +95,9 @@ class Tab:
             viewport={"width": 1400, "height": 1000}, accept_downloads=True
         )
         self.page = self.context.new_page()
-        self.errors: list[str] = []
-        self.outside: list[str] = []
-        self.dialogs: list[str] = []
-        self.page.on("console", lambda m: self.errors.append(m.text) if m.type == "error" else None)
-        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
-
-        def dialog(d: object) -> None:
-            self.dialogs.append(d.message)  # type: ignore[attr-defined]
-            d.dismiss()  # type: ignore[attr-defined]
-
-        self.page.on("dialog", dialog)
-
-        def route(r: object) -> None:
-            url = r.request.url  # type: ignore[attr-defined]
-            if url.startswith((live.url, "data:", "blob:")):
-                r.continue_()  # type: ignore[attr-defined]
-            else:
-                self.outside.append(url)
-                r.abort()  # type: ignore[attr-defined]
-
-        self.context.route("**/*", route)
+        self.errors, self.dialogs, self.outside = watch(
+            self.page, self.context, (live.url, "data:", "blob:")
+        )
         self.response = self.page.goto(live.url + path)
 
     def submit(self, text: str, compare: str | None = None) -> None:
