@@ -17,6 +17,7 @@ pass over the weights. ``benchmarks/perf.py`` measures each.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import Tensor
@@ -48,10 +49,12 @@ def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
     return mask.to(dtype)
 
 
+@functools.lru_cache(maxsize=32)
 def causal_additive_mask(
     query_len: int, key_len: int, dtype: torch.dtype, device: torch.device
 ) -> Tensor:
-    """``-inf`` above the diagonal (top-left aligned, as ``scaled_dot_product_attention``)."""
+    """``-inf`` above the diagonal (top-left aligned, as ``scaled_dot_product_attention``).
+    Cached like ``causal_hidden``; callers never change it."""
     return torch.zeros(query_len, key_len, dtype=dtype, device=device).masked_fill_(
         causal_hidden(query_len, key_len, device), float("-inf")
     )
@@ -77,9 +80,13 @@ def softmax_weights(
 
     ``q`` is (..., query, dim), ``k`` is (..., key, dim) and ``mask`` an additive float mask
     that broadcasts to (..., query, key). ``hidden`` (bool, broadcasting the same way) hides
-    keys the way the kernels do: a hidden key's score is replaced by ``-inf``, not added to,
-    so it counts for nothing even where it is NaN (PyTorch's slow path adds ``-inf`` and gets
-    NaN). A row whose every key is hidden or ``-inf`` comes out as zeros (``padded_rows``).
+    keys the way PyTorch's native kernels do: a hidden key's score is replaced by ``-inf``, not
+    added to, so it counts for nothing even where it is NaN. ``mask`` is added, the way
+    ``scaled_dot_product_attention`` applies a bool mask or causality (as ``-inf``/0 floats)
+    and the slow path any mask; prefer it where that is the kernel's convention: an ``add_``
+    over the map costs a quarter of a ``masked_fill_`` (0.10 against 0.40 ns an entry on 2
+    cores). A row whose every key is hidden or ``-inf`` comes out as zeros (``padded_rows``),
+    where PyTorch's slow path gives NaN.
 
     On the CPU the weights are computed in place in pooled memory (``attnscope.pool``): the
     scores, the softmax and the zeroed rows are one buffer, which a capture then keeps.
@@ -96,12 +103,10 @@ def softmax_weights(
     """
     dtype = torch.result_type(q, k)
     in_place = q.device.type == "cpu" and not _autocast(q) and dtype in _IN_PLACE
-    if in_place:
-        shape = (*torch.broadcast_shapes(q.shape[:-2], k.shape[:-2]), q.size(-2), k.size(-2))
-        (buffer,) = pool.empty((shape, dtype))
-        scores = torch.matmul(q * scale, k.transpose(-2, -1), out=buffer)
-    else:  # autocast chooses the matmul's dtype (and a GPU has its own caching allocator)
-        scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    shape = (*lead, q.size(-2), k.size(-2))
+    buffer = pool.empty((shape, dtype))[0] if in_place else None
+    scores = _scores(q, k, scale, lead, buffer)
     if mask is not None:
         scores.add_(mask.to(scores.dtype))
     if hidden is not None:
@@ -115,6 +120,24 @@ def softmax_weights(
         at_minus_inf = mask == float("-inf")
         blocked = at_minus_inf if blocked is None else blocked | at_minus_inf
     return blank_rows_(weights, blocked)
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, lead: torch.Size, out: Tensor | None) -> Tensor:
+    """``(q · scale) kᵀ`` over the broadcast ``lead`` dims, into ``out`` where given.
+
+    One ``bmm`` of row-major (n, length, dim) operands, as PyTorch's slow path runs it: a
+    matmul of ``q`` against a ``kᵀ`` view first copies kᵀ into a (dim, key) layout, a strided
+    copy that cost about half the matmul itself (32 x 12 x 71 x 71 on 2 cores: 0.59 of
+    1.73 ms). The scaled queries are written row-major in the one pass that scales them.
+    """
+    batch = math.prod(lead)
+    queries, keys, dim = q.size(-2), k.size(-2), q.size(-1)
+    scaled = torch.empty((*lead, queries, dim), dtype=q.dtype, device=q.device)
+    torch.mul(q.expand(*lead, queries, dim), scale, out=scaled)
+    flat_k = k.expand(*lead, keys, dim).reshape(batch, keys, dim)
+    flat_out = None if out is None else out.view(batch, queries, keys)
+    scores = torch.bmm(scaled.view(batch, queries, dim), flat_k.transpose(1, 2), out=flat_out)
+    return scores.view(*lead, queries, keys)
 
 
 _IN_PLACE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)

@@ -51,7 +51,7 @@ from ..calls import hidden_keys, kind_of
 from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
 from ..padded_rows import blank_rows, blank_rows_, padding_of, query_padding
-from ..recompute import causal_hidden, softmax_weights
+from ..recompute import additive_mask, causal_additive_mask, softmax_weights
 from . import hf, softmax
 from .base import AttentionCall, Recorder, Session
 
@@ -786,21 +786,20 @@ def sdpa_call(
                 q = q[:, :, rows]
                 if m is not None and m.size(-2) > 1:
                     m = m[..., rows, :]
-            additive = hidden = None
+            # sdpa adds its masks: causality and a bool mask (True = attends) as -inf/0 floats
+            additive = m
             if is_causal:
-                hidden = causal_hidden(query.size(-2), keys, k.device)
-                hidden = hidden if rows is None else hidden[rows]
+                additive = causal_additive_mask(query.size(-2), keys, q.dtype, k.device)
+                additive = additive if rows is None else additive[rows]
             elif m is not None and m.dtype == torch.bool:
-                hidden = ~m  # sdpa's bool mask: True = attends
-            elif m is not None:
-                additive = m
-            weights = softmax_weights(q, k, scale, additive, hidden)
+                additive = additive_mask(~m, q.dtype)
+            weights = softmax_weights(q, k, scale, additive)
             if packed:
                 weights = weights.reshape(batch, heads, 1, keys)
                 return weights if rows is None else weights[:, :, rows]
             # the weights are this call's own, fresh: zeroed in place. Rows a bool mask or
             # causality hides entirely are zeros already; a float mask hides at its minimum
-            blocked = hidden_keys(additive) if additive is not None else None
+            blocked = hidden_keys(m) if m is not None and m.is_floating_point() else None
             return blank_rows_(weights, blocked, padded_queries, rows)
 
     held = tuple(t for t in (query, key, mask) if t is not None)
