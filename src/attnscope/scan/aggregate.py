@@ -147,6 +147,11 @@ class HeadSums:
 class Accumulator:
     """``consume(name, kind, weights)`` for ``capture.stream``; ``begin``/``end`` each batch.
 
+    A call's map is reduced to its rows' statistics at once (``row_statistics``) and dropped.
+    The rows' statistics of the batch's calls, (stats, batch, heads, query) each, a map's
+    size divided by its keys, wait for ``end``, which folds them into the sums for all the
+    modules together: one run of a dozen small operations a batch instead of one a call.
+
     >>> acc = Accumulator(max_length=4, top_k=2)
     >>> w = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
     >>> acc.begin(torch.tensor([7]), torch.ones(1, 2, dtype=torch.bool))
@@ -164,9 +169,9 @@ class Accumulator:
         self._ids: Tensor | None = None
         self._input: Tensor | None = None
         self._target: Tensor | None = None
-        self._texts: dict[str, tuple[Tensor, Tensor]] = {}  # per-text sums, rows this batch
         self._bins: tuple[Tensor, Tensor] | None = None
-        self._rows: dict[int, tuple[Tensor, Tensor, Tensor]] = {}  # per mask of this batch
+        # this batch's calls: (name, query mask, rows' statistics (stats, batch, heads, query))
+        self._pending: list[tuple[str, Tensor, Tensor]] = []
         self._scratch: Tensor | None = None  # one map's worth, reused call after call
 
     def begin(self, ids: Tensor, input_mask: Tensor, target_mask: Tensor | None = None) -> None:
@@ -175,8 +180,7 @@ class Accumulator:
         self._ids = ids.long()
         self._input = input_mask.bool()
         self._target = None if target_mask is None else target_mask.bool()
-        self._texts = {}
-        self._rows = {}
+        self._pending = []
 
     def __call__(self, name: str, kind: str, weights: Tensor) -> None:
         if self._ids is None or self._input is None:
@@ -194,51 +198,59 @@ class Accumulator:
             sums = self.modules[name] = HeadSums(kind, heads, self.top_k)
         elif sums.heads != heads:
             raise AttnScopeError(f"{name!r} was called with {sums.heads} and {heads} heads")
-        flat, rows, text_rows = self._rows_of(query_mask)
-        count = flat.numel()
-        if not count:
-            return
-        # the valid rows only, (stats, heads, rows) in (item, query) order
         values = torch.stack([per_row[s] for s in STATISTICS])  # (stats, b, h, q)
-        del per_row
-        valid = values.transpose(1, 2).reshape(*values.shape[:1], heads, -1).index_select(-1, flat)
-        exact = valid.double()
-        mean = exact.mean(dim=-1)
-        deviation = exact - mean[..., None]
-        sums.add_moments(count, mean, deviation.mul_(deviation).sum(dim=-1))
-        sums.hist += self._histogram(valid, heads)
-        # per text, in the kernel's dtype: a text's mean ranks it, to its last digits or so
-        text_sums = (values * rows.to(values.dtype)).sum(dim=-1).double().transpose(1, 2)
-        held = self._texts.get(name)
-        if held is not None:  # a module called again in this forward (shared weights)
-            text_sums, text_rows = held[0] + text_sums, held[1] + text_rows
-        self._texts[name] = (text_sums, text_rows)
-
-    def _rows_of(self, query_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The flat (item, query) index of each valid row, the mask as (b, 1, q), and each
-        item's count of valid rows; kept for the batch (every layer has the same)."""
-        held = self._rows.get(id(query_mask))
-        if held is None:
-            held = (
-                query_mask.reshape(-1).nonzero()[:, 0],
-                query_mask[:, None, :],
-                query_mask.sum(dim=-1).to(torch.float64),
-            )
-            self._rows[id(query_mask)] = held
-        return held
+        self._pending.append((name, query_mask, values))
 
     def end(self) -> None:
-        """Close the batch: per-text means join each head's top-k."""
+        """Close the batch: its calls' rows join the sums, per-text means each head's top-k."""
         if self._ids is None:
             return
-        for name, (text_sums, text_rows) in self._texts.items():
+        groups: dict[tuple[int, int, torch.dtype], list[tuple[str, Tensor, Tensor]]] = {}
+        for name, query_mask, values in self._pending:
+            key = (id(query_mask), values.size(2), values.dtype)
+            groups.setdefault(key, []).append((name, query_mask, values))
+        texts: dict[str, tuple[Tensor, Tensor]] = {}  # per module: per-text sums and rows
+        for calls in groups.values():
+            self._fold(calls, texts)
+        for name, (text_sums, text_rows) in texts.items():
             seen = text_rows > 0
             if not bool(seen.any()):
                 continue
             means = text_sums[:, :, seen] / text_rows[seen]  # (stats, heads, b')
             self.modules[name].add_top(means, self._ids[seen])
-        self._ids, self._input, self._target, self._texts = None, None, None, {}
-        self._rows = {}
+        self._ids, self._input, self._target, self._pending = None, None, None, []
+
+    def _fold(
+        self, calls: list[tuple[str, Tensor, Tensor]], texts: dict[str, tuple[Tensor, Tensor]]
+    ) -> None:
+        """Calls over the same query rows and heads: the moments and histograms of their valid
+        rows and their per-text sums, computed for all of them at once."""
+        query_mask = calls[0][1]
+        flat = query_mask.reshape(-1).nonzero()[:, 0]  # valid rows, (item, query) order
+        count = flat.numel()
+        if not count:
+            return
+        stacked = torch.stack([values for _, _, values in calls])  # (calls, stats, b, h, q)
+        n, stats, _, heads, _ = stacked.shape
+        valid = stacked.transpose(2, 3).reshape(n, stats, heads, -1).index_select(-1, flat)
+        exact = valid.double()
+        mean = exact.mean(dim=-1)
+        deviation = exact - mean[..., None]
+        m2 = deviation.mul_(deviation).sum(dim=-1)
+        hist = self._histogram(valid)
+        # per text, in the kernel's dtype: a text's mean ranks it, to its last digits or so
+        rows = query_mask[:, None, :].to(stacked.dtype)
+        text_sums = (stacked * rows).sum(dim=-1).double().transpose(2, 3)  # (calls, s, h, b)
+        text_rows = query_mask.sum(dim=-1).to(torch.float64)
+        for index, (name, _, _) in enumerate(calls):
+            sums = self.modules[name]
+            sums.add_moments(count, mean[index], m2[index])
+            sums.hist += hist[index]
+            held = texts.get(name)  # a module called again in this forward (shared weights)
+            if held is None:
+                texts[name] = (text_sums[index], text_rows)
+            else:
+                texts[name] = (held[0] + text_sums[index], held[1] + text_rows)
 
     def _masks_of(self, name: str, kind: str, queries: int, keys: int) -> tuple[Tensor, Tensor]:
         assert self._input is not None
@@ -260,19 +272,18 @@ class Accumulator:
             "(exclude=)"
         )
 
-    def _histogram(self, valid: Tensor, heads: int) -> Tensor:
-        """Counts per (statistic, head, bin) of the valid rows' values (stats, heads, rows)."""
-        stats = valid.size(0)
+    def _histogram(self, valid: Tensor) -> Tensor:
+        """Counts per (..., statistic, head, bin) of the valid rows' values (..., stats, heads,
+        rows)."""
         if self._bins is None or self._bins[0].dtype != valid.dtype:
             lows = torch.tensor([self.ranges[s][0] for s in STATISTICS], dtype=valid.dtype)
             highs = torch.tensor([self.ranges[s][1] for s in STATISTICS], dtype=valid.dtype)
             self._bins = (lows.view(-1, 1, 1), (BINS / (highs - lows)).view(-1, 1, 1))
         low, scale = self._bins
         index = torch.addcmul(-low * scale, valid, scale).clamp_(0, BINS - 1).long()  # floors
-        index += torch.arange(stats * heads).view(stats, heads, 1) * BINS
-        return torch.bincount(index.view(-1), minlength=stats * heads * BINS).view(
-            stats, heads, BINS
-        )
+        groups = valid[..., 0].numel()  # one run of bins per (..., statistic, head)
+        index += (torch.arange(groups) * BINS).view(*valid.shape[:-1], 1)
+        return torch.bincount(index.view(-1), minlength=groups * BINS).view(*valid.shape[:-1], BINS)
 
     def merge(self, other: Accumulator) -> None:
         """Fold another accumulator's sums into this one (modules in first-seen order)."""
