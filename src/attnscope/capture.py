@@ -76,6 +76,8 @@ class _Recorder:
         self.norms = norms
         self.model = model
         self.wants_outputs = grads or norms is not None
+        # a stream whose consumer never reads the model's output (stream(exact_outputs=False))
+        self.outputs_from_weights = False
         self.slots: list[GradSlot] = []
         self.projections: dict[str, nn.Module | None] = {}  # found once per module
         self.heads = None if heads is None else list(heads)
@@ -331,11 +333,18 @@ def stream(
     heads: Sequence[int] | None = None,
     rows: Sequence[int] | None = None,
     adapters: Sequence[Adapter] = (),
+    exact_outputs: bool = True,
 ) -> Capture:
     """A capture that keeps nothing: each call's weights go to ``consume(name, kind,
     weights)`` as the call finishes (exactly the tensor a capture would store, detached, on
     the CPU, in the kernel's dtype) and are dropped when it returns. What ``attnscope.scan``
     builds its statistics on; the ``AttentionMaps`` it yields stays empty but for ``skipped``.
+
+    ``exact_outputs=False``, for a consumer that never reads the model's output: where the
+    weights of a ``scaled_dot_product_attention`` call are all computed anyway (no ``heads=``
+    or ``rows=``, no gradients), the call's output is those weights times its values instead
+    of a second pass by the kernel, so the model's outputs equal its plain ones to rounding,
+    not bit for bit. The weights streamed are then exactly those the forward used.
 
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
@@ -362,6 +371,7 @@ def stream(
         "spill": None,
         "adapters": adapters,
         "consume": consume,
+        "exact_outputs": exact_outputs,
     }
     return Capture(model, options)
 
@@ -382,6 +392,7 @@ def _prepare(
     consume: Consumer | None = None,
     grads: bool = False,
     norms: object = False,
+    exact_outputs: bool = True,
 ) -> tuple[list[tuple[Adapter, dict[str, nn.Module], Callable[[str], bool]]], _Recorder]:
     """Check the options and the model; find the attention modules each adapter observes."""
     if not isinstance(model, nn.Module):
@@ -409,6 +420,8 @@ def _prepare(
         raise AttnScopeError("lazy=True and spill= exclude each other: choose one")
     if not isinstance(grads, bool):
         raise AttnScopeError(f"grads= takes True or False, got {grads!r}")
+    if not isinstance(exact_outputs, bool):
+        raise AttnScopeError(f"exact_outputs= takes True or False, got {exact_outputs!r}")
     selected = set(_select(model, available, include, exclude))
     keep_include = matcher(include) if include is not None else None
     drop = matcher(exclude) if exclude is not None else None
@@ -440,6 +453,12 @@ def _prepare(
         bool(grads),
         check_norms_option(norms),
         model,
+    )
+    recorder.outputs_from_weights = (
+        consume is not None
+        and not exact_outputs
+        and recorder.heads is None
+        and recorder.rows is None
     )
     chosen = [
         (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found

@@ -30,6 +30,7 @@ remains) and the observed modules' ``forward`` attributes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import math
@@ -172,6 +173,10 @@ def _observed_sdpa(*args: Any, **kwargs: Any) -> Tensor:
         return _SDPA.call_original(*args, **kwargs)
     callers = CallingModules(sys._getframe(1))
     found = edits.edits_of(edit_sets, callers) if edit_sets else None
+    if found is None and len(sessions) == 1 and sessions[0].outputs_from_weights:
+        output = sessions[0].on_sdpa(callers, args, kwargs, from_weights=True)
+        if output is not None:  # recorded, and its output computed from the weights
+            return output
     if found is not None:
         args, kwargs, output, kernel_output = _edited_call(found[0], found[1], args, kwargs)
     else:
@@ -374,22 +379,39 @@ class _SdpaSession(Session):
         self.padding_scopes = hf.padding_scopes(model, self.names)
         self.paddings: list[tuple[str, Tensor]] = []  # (scope, padding) while the model runs
 
+    @property
+    def outputs_from_weights(self) -> bool:
+        return bool(getattr(self.recorder, "outputs_from_weights", False))
+
     def on_sdpa(
         self,
         callers: Iterable[nn.Module],
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         output: Tensor | None = None,
-    ) -> None:
+        from_weights: bool = False,
+    ) -> Tensor | None:
+        """Record one sdpa call the kernel answered with ``output``. ``from_weights`` (before
+        any kernel ran, for a stream with ``exact_outputs=False``): record it and return its
+        output computed from the weights, or return None, having done nothing, where that is
+        not a plain call (the kernel then runs and this is called again)."""
         found = self.owner(callers)
         if found is None or isinstance(found[0], nn.MultiheadAttention):
-            return  # not this model's, or left to the torch.nn adapter
+            return None  # not this model's, or left to the torch.nn adapter
         module, name = found
         frame = next((f for f in reversed(self.running) if f.module is module), None)
         call = _SdpaArgs(*args, **kwargs)
+        if from_weights and not _plain_math(call):
+            return None
         if frame is not None and _repeats(frame, call):
-            frame.recorded += 1  # the same query, key and mask again (DiffLlama): the same map
-            return
+            if not from_weights:  # the same query, key and mask again (DiffLlama): the same map
+                frame.recorded += 1
+            return None
+
+        def declined() -> None:  # as if never seen: the kernel runs, and this is called again
+            if frame is not None:
+                frame.sdpa_seen.pop()
+
         if self.recorder.keep:
             call.own_inference_tensors()
         known = self.kinds.get(id(module))
@@ -403,10 +425,13 @@ class _SdpaSession(Session):
         )
         joint = frame.cross_keys if frame is not None and frame.cross else None
         if joint is not None and 0 < joint < keys:
+            if from_weights:
+                declined()
+                return None
             self._record_joint(name, module, call, keys - joint, padded)
             if frame is not None:
                 frame.recorded += 1
-            return
+            return None
         attention = sdpa_call(
             call,
             module,
@@ -415,12 +440,19 @@ class _SdpaSession(Session):
             padded_queries=padded,
             output=output,
         )
+        result = None
+        if from_weights:
+            if attention.values is None:  # GQA decoding packed into the queries
+                declined()
+                return None
+            attention, result = _output_from_weights(attention)
         if known is None:
             _warn_if_unsure(name, module, attention)
         self.kinds[id(module)] = attention.kind
         self.recorder.record(name, attention)
         if frame is not None:
             frame.recorded += 1
+        return result
 
     def _record_joint(
         self, name: str, module: nn.Module, call: _SdpaArgs, own: int, padded: Tensor | None
@@ -835,6 +867,36 @@ def sdpa_call(
         output=kernel_output,
         grad_note=note,
     )
+
+
+def _plain_math(call: _SdpaArgs) -> bool:
+    """Whether the kernel's output is ``softmax(q kᵀ · scale + mask) · v`` and nothing else
+    that ``_output_from_weights`` could miss: no dropout, a heads axis, no graph to build, and
+    float32 or float64 throughout (in half precision the kernel accumulates in float32, and a
+    product of rounded weights would move the next layers' inputs by more than rounding)."""
+    return (
+        call.dropout_p == 0
+        and call.query.dim() == 4
+        and not torch.is_grad_enabled()
+        and call.query.dtype == call.key.dtype == call.value.dtype
+        and call.query.dtype in (torch.float32, torch.float64)
+    )
+
+
+def _output_from_weights(attention: AttentionCall) -> tuple[AttentionCall, Tensor]:
+    """The call's weights, computed once, and its output from them (weights · values, per
+    head): what a stream that never reads the model's output runs instead of the kernel and a
+    recompute beside it, for a call of ``_plain_math``. Rows the convention leaves zero
+    (padded or fully masked queries) give zeros where the kernel gives something; no valid
+    query sees them, as the mask hides padded keys from it."""
+    assert attention.values is not None
+    weights = attention.compute(None)
+    output = torch.matmul(weights, attention.values())
+
+    def computed(rows: Tensor | None = None) -> Tensor:
+        return weights if rows is None else weights[:, :, rows]
+
+    return dataclasses.replace(attention, compute=computed), output
 
 
 def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:

@@ -5,9 +5,11 @@ Design note
 Texts are tokenized once without truncation (to count those over ``max_length``), sorted by
 length (ties by id) so a batch carries little padding, and run in batches of ``batch_size``
 under one ``capture.stream`` that hands every attention call to the ``Accumulator``: no map
-outlives its call. Batches are padded on the right whatever the tokenizer's own side: a model
-with absolute positions (BERT, GPT-2) reads left padding as shifted positions, and a scan needs
-no left padding; statistics count positions over the valid tokens either way
+outlives its call. The model's output is never read, so an sdpa call's output is computed from
+the weights streamed (``exact_outputs=False``): one q·kᵀ and softmax per call, not the
+kernel's and a recompute's. Batches are padded on the right whatever the tokenizer's own
+side: a model with absolute positions (BERT, GPT-2) reads left padding as shifted positions,
+and a scan needs no left padding; statistics count positions over the valid tokens either way
 (``head_stats.row_statistics``). Given the same texts and batch size, the result does not
 depend on where it runs; batch size and padding change it only by the kernels' rounding.
 """
@@ -136,7 +138,13 @@ class ShardRunner:
         order = sorted(range(len(texts)), key=lambda n: (len(rows[n]["input_ids"]), texts[n][0]))
         with (
             torch.no_grad(),
-            stream(self.model, result.sums, include=self.include, exclude=self.exclude) as attn,
+            stream(
+                self.model,
+                result.sums,
+                include=self.include,
+                exclude=self.exclude,
+                exact_outputs=False,  # the model's output is never read: see stream()
+            ) as attn,
         ):
             for start in range(0, len(order), self.batch_size):
                 chosen = order[start : start + self.batch_size]

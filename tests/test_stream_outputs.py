@@ -1,0 +1,149 @@
+"""``stream(exact_outputs=False)``: an sdpa call's output from the streamed weights (w · v).
+
+References: the same stream with the kernel's own outputs (the weights), the plain forward
+(the model's output at valid positions, to float32 rounding), and a count of kernel calls.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from attnscope.adapters import sdpa
+from attnscope.capture import stream
+from hf_models import Family, build, valid_queries
+
+FLOAT32_FAMILIES = ("bert", "distilbert", "gpt2", "llama", "bart", "t5", "vit")
+
+
+def _streamed(family: Family, exact: bool) -> tuple[list[tuple[str, str, torch.Tensor]], Any]:
+    seen: list[tuple[str, str, torch.Tensor]] = []
+    with (
+        torch.no_grad(),
+        stream(family.model, lambda n, k, w: seen.append((n, k, w.clone())), exact_outputs=exact),
+    ):
+        out = family.model(**family.inputs)
+    return seen, out
+
+
+def _hidden(out: Any) -> torch.Tensor:
+    return out.last_hidden_state
+
+
+def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls = [0]
+    original = sdpa._SDPA.call_original
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(sdpa._SDPA, "call_original", counted)
+    return calls
+
+
+@pytest.mark.parametrize("name", FLOAT32_FAMILIES)
+def test_weights_match_the_kernels_stream_and_valid_outputs_the_plain_forward(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    family = build(name)
+    with torch.no_grad():
+        plain = _hidden(family.model(**family.inputs))
+    exact, exact_out = _streamed(family, exact=True)
+    assert torch.equal(_hidden(exact_out), plain)  # the default keeps the kernel's outputs
+    kernel_calls = _counting_kernel(monkeypatch)
+    fast, fast_out = _streamed(family, exact=False)
+    assert kernel_calls[0] == 0  # every call answered from its weights
+    assert [(n, k) for n, k, _ in fast] == [(n, k) for n, k, _ in exact]
+    for (name_, kind, got), (_, _, want) in zip(fast, exact, strict=True):
+        rows = valid_queries(family, kind, got.size(2))
+        if rows is not None:  # padded queries: zeros in both (the convention)
+            got, want = got * rows[:, None, :, None], want * rows[:, None, :, None]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name_)
+    got = _hidden(fast_out)
+    mask = family.inputs.get("attention_mask")
+    if mask is not None and "decoder_input_ids" not in family.inputs:
+        keep = mask.bool()
+        got, plain = got[keep], plain[keep]
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_half_precision_dropout_and_gradients_keep_the_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernel_calls = _counting_kernel(monkeypatch)
+    family = build("bert")
+    model, inputs = family.model, family.inputs
+
+    def run(model: torch.nn.Module, grad: bool) -> tuple[torch.Tensor, int]:
+        seen: list[str] = []
+        before = kernel_calls[0]
+        with (
+            torch.set_grad_enabled(grad),
+            stream(model, lambda n, k, w: seen.append(n), exact_outputs=False),
+        ):
+            out = model(**inputs).last_hidden_state
+        assert len(seen) == 2
+        return out, kernel_calls[0] - before
+
+    with torch.no_grad():
+        plain = model(**inputs).last_hidden_state
+    out, calls = run(model, grad=True)  # a graph to build: the kernel's outputs
+    assert calls == 2 and torch.equal(out.detach(), plain)
+    model.train()  # dropout in the kernel
+    torch.manual_seed(3)
+    out, calls = run(model, grad=False)
+    torch.manual_seed(3)
+    with torch.no_grad(), stream(model, lambda n, k, w: None):
+        expected = model(**inputs).last_hidden_state
+    assert calls == 2 and torch.equal(out, expected)
+    model.eval()
+    half = build("bert").model.to(torch.bfloat16)
+    with torch.no_grad():
+        plain = half(**inputs).last_hidden_state
+    out, calls = run(half, grad=False)
+    assert calls == 2 and torch.equal(out, plain)
+
+
+def test_a_module_calling_sdpa_twice_with_the_same_query_and_key_is_recorded_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class TwoHalves(torch.nn.Module):  # DiffLlama's pattern: one map, two halves of the values
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            first, second = v.chunk(2, dim=-1)
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, first)
+            b = torch.nn.functional.scaled_dot_product_attention(q, k, second)
+            return torch.cat([a, b], dim=-1)
+
+    class Model(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = TwoHalves()
+
+        def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            return self.attn(q, k, v)
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=generator) for _ in range(3))
+    model = Model()
+    kernel_calls = _counting_kernel(monkeypatch)
+    seen: list[torch.Tensor] = []
+    with torch.no_grad(), stream(model, lambda n, kd, w: seen.append(w), exact_outputs=False):
+        out = model(q, k, v)
+    assert len(seen) == 1 and kernel_calls[0] == 1  # the first from its weights, then the kernel
+    expected = torch.softmax(q @ k.transpose(-2, -1) / 8**0.5, dim=-1)
+    torch.testing.assert_close(seen[0], expected)
+    torch.testing.assert_close(out, torch.cat([expected @ v[..., :4], expected @ v[..., 4:]], -1))
+
+
+def test_exact_outputs_must_be_a_bool() -> None:
+    from attnscope import AttnScopeError
+
+    model = build("bert").model
+    with (
+        pytest.raises(AttnScopeError, match="exact_outputs= takes True or False"),
+        stream(model, lambda n, k, w: None, exact_outputs="no"),  # type: ignore[arg-type]
+    ):
+        pass
