@@ -14,9 +14,11 @@ from attnscope import pool
 
 
 @pytest.fixture(autouse=True)
-def empty_pool() -> Iterator[None]:
+def empty_pool(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Each test starts from an empty pool: blocks still held by an earlier test's leftovers
-    (a failed test's traceback keeps its maps alive) come back and are freed first."""
+    (a failed test's traceback keeps its maps alive) come back and are freed first. Every
+    request is pooled (``SMALL`` = 0), so that blocks of a few bytes show the mechanism."""
+    monkeypatch.setattr(pool, "SMALL", 0)
     gc.collect()
     pool.release()
     yield
@@ -161,3 +163,15 @@ def test_a_block_stays_lent_while_any_view_of_its_memory_lives() -> None:
     del row
     gc.collect()
     assert pool.free_bytes() == 4 * 8 * 4
+
+
+def test_requests_under_small_are_plain_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pool, "SMALL", 1 << 16)
+    (small,) = pool.empty(((4, 4095), torch.float32))  # 65,520 bytes
+    (large,) = pool.empty(((4, 4096), torch.float32))  # 65,536
+    assert not pool.owns(small) and pool.owns(large)
+    source = torch.arange(6.0).view(2, 3).t()
+    (copied,) = pool.copies(source)
+    assert copied.stride() == (1, 3) and torch.equal(copied, source) and not pool.owns(copied)
+    copied, kept = pool.copies(source, torch.ones(16384))  # one block of both: over 64 KiB
+    assert copied.stride() == (1, 3) and pool.owns(copied) and pool.owns(kept)

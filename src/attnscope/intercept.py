@@ -230,14 +230,23 @@ def refuse_under_compile(module: nn.Module) -> None:
         )
 
 
+def _no_frame_callback() -> None:  # pragma: no cover - older PyTorch
+    return None
+
+
+try:  # the frame callback is set while compiled code runs (its graph breaks included)
+    from torch._C._dynamo.eval_frame import get_eval_frame_callback
+except ImportError:  # pragma: no cover - older PyTorch
+    get_eval_frame_callback = _no_frame_callback
+_frame_callback: Callable[[], object] = get_eval_frame_callback
+
+
 def _compiling() -> bool:
+    """Whether compiled code runs now (imported once: an import per module call cost more
+    than the check)."""
     if torch.compiler.is_compiling():
         return True
-    try:  # the frame callback is set while compiled code runs (its graph breaks included)
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-    except ImportError:  # pragma: no cover - older PyTorch
-        return False
-    return get_eval_frame_callback() not in (None, False)
+    return _frame_callback() not in (None, False)
 
 
 def _call_chain(

@@ -25,9 +25,11 @@ from torch import Tensor
 from . import pool
 from .padded_rows import blank_rows_
 
-# PyTorch's softmax itself, bound at import: a capture stands in front of ``torch.softmax`` to
-# see hand-written attention (``adapters.softmax``), and must not see its own recompute
+# PyTorch's softmax and products themselves, bound at import: a capture stands in front of
+# them to see hand-written attention (``adapters.softmax``), and must not see its own recompute
 _softmax = torch.softmax
+_bmm = torch.bmm
+matmul = torch.matmul
 
 
 def additive_mask(mask: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -138,7 +140,7 @@ def _scores(q: Tensor, k: Tensor, scale: float, lead: torch.Size, out: Tensor | 
     torch.mul(q.expand(*lead, queries, dim), scale, out=scaled)
     flat_k = k.expand(*lead, keys, dim).reshape(batch, keys, dim)
     flat_out = None if out is None else out.view(batch, queries, keys)
-    scores = torch.bmm(scaled.view(batch, queries, dim), flat_k.transpose(1, 2), out=flat_out)
+    scores = _bmm(scaled.view(batch, queries, dim), flat_k.transpose(1, 2), out=flat_out)
     return scores.view(*lead, queries, keys)
 
 

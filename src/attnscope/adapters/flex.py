@@ -174,6 +174,9 @@ def _unseen(value: Any, kernel: Callable[..., Any]) -> str | None:
     return None
 
 
+_HOLDERS = (types.FunctionType, functools.partial)  # what can hold flex_attention (``_unseen``)
+
+
 class _Scan:
     """Which modules call flex_attention, which globals to replace, which calls are unseen."""
 
@@ -189,6 +192,8 @@ class _Scan:
                 classes[cls] = self._read(cls)
             calls, how = classes[cls]
             for attribute, value in vars(module).items():
+                if not isinstance(value, _HOLDERS):  # the most of them: two calls saved each
+                    continue
                 why = "an instance attribute" if _ours(value, kernel) else _unseen(value, kernel)
                 if how is None and why is not None:
                     how = f"self.{attribute}, {why}"

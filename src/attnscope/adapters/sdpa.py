@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from torch import Tensor, nn
 
-from .. import edits, pool
+from .. import edits, pool, recompute
 from ..attribution import dropout_note
 from ..calls import hidden_keys, kind_of
 from ..errors import AttnScopeError
@@ -891,7 +891,7 @@ def _output_from_weights(attention: AttentionCall) -> tuple[AttentionCall, Tenso
     query sees them, as the mask hides padded keys from it."""
     assert attention.values is not None
     weights = attention.compute(None)
-    output = torch.matmul(weights, attention.values())
+    output = recompute.matmul(weights, attention.values())
 
     def computed(rows: Tensor | None = None) -> Tensor:
         return weights if rows is None else weights[:, :, rows]
