@@ -175,3 +175,16 @@ def test_requests_under_small_are_plain_tensors(monkeypatch: pytest.MonkeyPatch)
     assert copied.stride() == (1, 3) and torch.equal(copied, source) and not pool.owns(copied)
     copied, kept = pool.copies(source, torch.ones(16384))  # one block of both: over 64 KiB
     assert copied.stride() == (1, 3) and pool.owns(copied) and pool.owns(kept)
+
+
+def test_small_requests_stay_on_the_cpu_whatever_the_default_device(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool, "SMALL", 1 << 16)
+    torch.set_default_device("meta")  # stands in for a GPU default
+    try:
+        (small,) = pool.empty(((2, 3), torch.float32))
+        (copied,) = pool.copies(torch.ones(2, 3, device="cpu"))
+    finally:
+        torch.set_default_device(None)
+    assert small.device.type == copied.device.type == "cpu"

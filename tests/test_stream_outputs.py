@@ -147,3 +147,98 @@ def test_exact_outputs_must_be_a_bool() -> None:
         stream(model, lambda n, k, w: None, exact_outputs="no"),  # type: ignore[arg-type]
     ):
         pass
+
+
+class _Sdpa(torch.nn.Module):
+    """A module that calls sdpa with the keywords it was made with."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__()
+        self.options = options
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, **self.options)
+
+
+def _both_streams(
+    module: torch.nn.Module, *inputs: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(plain output, fast output, exact stream's weights, fast stream's weights)."""
+    with torch.no_grad():
+        plain = module(*inputs)
+        weights: dict[bool, torch.Tensor] = {}
+        outputs = {}
+        for exact in (True, False):
+            with stream(
+                module,
+                lambda n, k, w, exact=exact: weights.__setitem__(exact, w.clone()),
+                exact_outputs=exact,
+            ):
+                outputs[exact] = module(*inputs)
+    assert torch.equal(outputs[True], plain)
+    return plain, outputs[False], weights[True], weights[False]
+
+
+def _qkv(batch: int, heads: int, queries: int, keys: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, queries, 8, generator=g)
+    return [q, *(torch.randn(batch, heads, keys, 8, generator=g) for _ in range(2))]
+
+
+def test_rows_a_float_mask_hides_at_its_minimum_give_the_kernels_output() -> None:
+    mask = torch.zeros(2, 1, 4, 4)
+    mask[1, :, 2] = torch.finfo(torch.float32).min  # Hugging Face's way: row 2 sees no key
+    plain, fast, exact_w, fast_w = _both_streams(_Sdpa(attn_mask=mask), *_qkv(2, 3, 4, 4))
+    torch.testing.assert_close(fast, plain)  # the kernel averages the values there
+    assert torch.equal(fast_w[1, :, 2], torch.zeros(3, 4))  # the convention: a zero row
+    torch.testing.assert_close(fast_w, exact_w)
+
+
+def test_causal_with_a_mask_applies_both_and_a_3d_value_broadcasts() -> None:
+    q, k, v = _qkv(2, 3, 5, 5, seed=1)
+    mask = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(2)) > 0.3
+    mask[..., 0] = True  # every query sees key 0
+    plain, fast, exact_w, fast_w = _both_streams(_Sdpa(attn_mask=mask, is_causal=True), q, k, v)
+    scores = (q @ k.transpose(-2, -1)) / 8**0.5
+    allowed = mask & torch.ones(5, 5, dtype=torch.bool).tril()
+    expected = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
+    torch.testing.assert_close(exact_w, expected)  # causal AND the mask, as the kernel does
+    torch.testing.assert_close(fast_w, expected)
+    torch.testing.assert_close(fast, plain)
+    value = torch.randn(3, 5, 8, generator=torch.Generator().manual_seed(3))  # one per head
+    plain, fast, _, _ = _both_streams(_Sdpa(), q, k, value)
+    torch.testing.assert_close(fast, plain)
+
+
+def test_the_output_is_laid_out_as_the_kernels() -> None:
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, 5, 3, 8, generator=g).transpose(1, 2) for _ in range(3))
+    plain, fast, _, _ = _both_streams(_Sdpa(), q, k, v)
+    assert fast.stride() == plain.stride()
+    fast.transpose(1, 2).view(2, 5, 24)  # what a caller of the kernel may do
+
+
+def test_a_call_the_kernel_refuses_is_refused_the_same() -> None:
+    q, _, _ = _qkv(1, 4, 3, 3)
+    _, k, v = _qkv(1, 2, 3, 3)  # grouped keys without enable_gqa
+    module = _Sdpa()
+    with torch.no_grad(), pytest.raises(RuntimeError) as plain:
+        module(q, k, v)
+    with (
+        torch.no_grad(),
+        stream(module, lambda n, kd, w: None, exact_outputs=False),
+        pytest.raises(RuntimeError) as fast,
+    ):
+        module(q, k, v)
+    assert str(fast.value) == str(plain.value)
+
+
+def test_an_encoder_decoders_padded_decoder_rows_keep_their_cross_attention() -> None:
+    family = build("t5")
+    inputs = dict(family.inputs)
+    inputs["decoder_attention_mask"] = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    family.inputs = inputs
+    exact, _ = _streamed(family, exact=True)
+    fast, _ = _streamed(family, exact=False)
+    for (name, kind, got), (_, _, want) in zip(fast, exact, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} ({kind})")

@@ -78,7 +78,7 @@ def empty(*layouts: tuple[tuple[int, ...], torch.dtype]) -> tuple[Tensor, ...]:
         offsets.append(start)
         end = start + math.prod(shape) * dtype.itemsize
     if end < SMALL:
-        return tuple(torch.empty(shape, dtype=dtype) for shape, dtype in layouts)
+        return tuple(torch.empty(shape, dtype=dtype, device="cpu") for shape, dtype in layouts)
     block = _take(max(end, 1))
     view = memoryview(block)
     flat = torch.frombuffer(view, dtype=torch.uint8, count=max(end, 1))

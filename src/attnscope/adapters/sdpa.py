@@ -30,7 +30,6 @@ remains) and the observed modules' ``forward`` attributes.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import inspect
 import math
@@ -439,13 +438,14 @@ class _SdpaSession(Session):
             kind=known,
             padded_queries=padded,
             output=output,
+            from_weights=from_weights,
         )
         result = None
         if from_weights:
-            if attention.values is None:  # GQA decoding packed into the queries
+            if attention.output is None:  # GQA decoding packed into the queries: no values
                 declined()
                 return None
-            attention, result = _output_from_weights(attention)
+            result = attention.output
         if known is None:
             _warn_if_unsure(name, module, attention)
         self.kinds[id(module)] = attention.kind
@@ -768,10 +768,13 @@ def sdpa_call(
     kind: str | None = None,
     padded_queries: Tensor | None = None,
     output: Tensor | None = None,
+    from_weights: bool = False,
 ) -> AttentionCall:
     """The kind, (batch, heads, query, key) shape and recompute of one sdpa call's weights;
     rows as ``padded_rows`` says (``padded_queries``: (batch or 1, query), True at padding).
-    With the kernel's ``output``, the call carries it and its values (gradients, norms)."""
+    With the kernel's ``output``, the call carries it and its values (gradients, norms).
+    ``from_weights`` (a call of ``_plain_math``, before any kernel ran): the weights are
+    computed now, once, and the call's ``output`` is theirs (``_output_from_weights``)."""
     query, key = call.query, call.key
     if query.dim() == 3:
         query, key = query.unsqueeze(1), key.unsqueeze(1)
@@ -811,27 +814,35 @@ def sdpa_call(
                 )
             return query * scale, expanded_keys()
 
+    def unblanked(rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The weights before the convention's rows are zeroed, and the keys a float mask
+        hides at its minimum (rows a bool mask or causality hides are zeros already)."""
+        q, k, m = query, expanded_keys(), mask
+        if rows is not None and not packed:
+            q = q[:, :, rows]
+            if m is not None and m.size(-2) > 1:
+                m = m[..., rows, :]
+        # sdpa adds its masks: causality and a bool mask (True = attends) as -inf/0 floats,
+        # both where both are given
+        additive = m
+        if m is not None and m.dtype == torch.bool:
+            additive = additive_mask(~m, q.dtype)
+        if is_causal:
+            causal = causal_additive_mask(query.size(-2), keys, q.dtype, k.device)
+            causal = causal if rows is None else causal[rows]
+            additive = causal if additive is None else additive + causal
+        weights = softmax_weights(q, k, scale, additive)
+        if packed:
+            weights = weights.reshape(batch, heads, 1, keys)
+            return (weights if rows is None else weights[:, :, rows]), None
+        return weights, hidden_keys(m) if m is not None and m.is_floating_point() else None
+
     def compute(rows: Tensor | None = None) -> Tensor:
         with torch.no_grad():
-            q, k, m = query, expanded_keys(), mask
-            if rows is not None and not packed:
-                q = q[:, :, rows]
-                if m is not None and m.size(-2) > 1:
-                    m = m[..., rows, :]
-            # sdpa adds its masks: causality and a bool mask (True = attends) as -inf/0 floats
-            additive = m
-            if is_causal:
-                additive = causal_additive_mask(query.size(-2), keys, q.dtype, k.device)
-                additive = additive if rows is None else additive[rows]
-            elif m is not None and m.dtype == torch.bool:
-                additive = additive_mask(~m, q.dtype)
-            weights = softmax_weights(q, k, scale, additive)
+            weights, blocked = unblanked(rows)
             if packed:
-                weights = weights.reshape(batch, heads, 1, keys)
-                return weights if rows is None else weights[:, :, rows]
-            # the weights are this call's own, fresh: zeroed in place. Rows a bool mask or
-            # causality hides entirely are zeros already; a float mask hides at its minimum
-            blocked = hidden_keys(m) if m is not None and m.is_floating_point() else None
+                return weights
+            # the weights are this call's own, fresh: zeroed in place
             return blank_rows_(weights, blocked, padded_queries, rows)
 
     held = tuple(t for t in (query, key, mask) if t is not None)
@@ -856,11 +867,21 @@ def sdpa_call(
         def values() -> Tensor:
             return grouped.repeat_interleave(heads // grouped.size(1), dim=1)
 
+    recompute_now = compute
+    if from_weights and values is not None:
+        with torch.no_grad():
+            weights, blocked = unblanked()
+            kernel_output = _output_from_weights(weights, values(), call.query)
+            blank_rows_(weights, blocked, padded_queries)
+
+        def recompute_now(rows: Tensor | None = None) -> Tensor:
+            return weights if rows is None else weights[:, :, rows]
+
     return AttentionCall(
         kind,
         (batch, heads, queries, keys),
         query.dtype,
-        compute,
+        recompute_now,
         held,
         terms,
         values=values,
@@ -871,32 +892,37 @@ def sdpa_call(
 
 def _plain_math(call: _SdpaArgs) -> bool:
     """Whether the kernel's output is ``softmax(q kᵀ · scale + mask) · v`` and nothing else
-    that ``_output_from_weights`` could miss: no dropout, a heads axis, no graph to build, and
-    float32 or float64 throughout (in half precision the kernel accumulates in float32, and a
-    product of rounded weights would move the next layers' inputs by more than rounding)."""
+    that ``_output_from_weights`` could miss: no dropout, 4-D query, key and value (a 3-D
+    value broadcasts against the heads), no graph to build, float32 or float64 throughout (in
+    half precision the kernel accumulates in float32, and a product of rounded weights would
+    move the next layers' inputs by more than rounding), and a call the kernel itself would
+    take (grouped keys only with ``enable_gqa``, a float mask of the query's dtype)."""
+    query, key, value, mask = call.query, call.key, call.value, call.attn_mask
     return (
         call.dropout_p == 0
-        and call.query.dim() == 4
+        and query.dim() == key.dim() == value.dim() == 4
         and not torch.is_grad_enabled()
-        and call.query.dtype == call.key.dtype == call.value.dtype
-        and call.query.dtype in (torch.float32, torch.float64)
+        and query.dtype == key.dtype == value.dtype
+        and query.dtype in (torch.float32, torch.float64)
+        and (query.size(1) == key.size(1) == value.size(1) or call.enable_gqa)
+        and (mask is None or mask.dtype in (torch.bool, query.dtype))
     )
 
 
-def _output_from_weights(attention: AttentionCall) -> tuple[AttentionCall, Tensor]:
-    """The call's weights, computed once, and its output from them (weights · values, per
-    head): what a stream that never reads the model's output runs instead of the kernel and a
-    recompute beside it, for a call of ``_plain_math``. Rows the convention leaves zero
-    (padded or fully masked queries) give zeros where the kernel gives something; no valid
-    query sees them, as the mask hides padded keys from it."""
-    assert attention.values is not None
-    weights = attention.compute(None)
-    output = recompute.matmul(weights, attention.values())
-
-    def computed(rows: Tensor | None = None) -> Tensor:
-        return weights if rows is None else weights[:, :, rows]
-
-    return dataclasses.replace(attention, compute=computed), output
+def _output_from_weights(weights: Tensor, values: Tensor, query: Tensor) -> Tensor:
+    """``weights · values`` per head, for a call of ``_plain_math``: what a stream that never
+    reads the model's output runs instead of the kernel and a recompute beside it. The
+    weights are those before the convention zeroes rows (padded queries, rows a float mask
+    hides at its minimum), as the kernel has them; the output is laid out in the query's
+    order of strides, as the kernel's is, so a caller's ``transpose(1, 2).view(...)`` of it
+    works the same."""
+    batch, heads, queries, _ = weights.shape
+    shape = (batch, heads, queries, values.size(-1))
+    strides = query.stride()
+    order = sorted(range(4), key=lambda dim: -strides[dim])  # outermost first
+    output = torch.empty([shape[d] for d in order], dtype=weights.dtype, device=weights.device)
+    output = output.permute([order.index(dim) for dim in range(4)])
+    return recompute.matmul(weights, values, out=output)
 
 
 def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:
