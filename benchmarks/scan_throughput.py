@@ -75,32 +75,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(0, len(order), args.batch_size)
     ]
 
+    def forward_all() -> None:  # every batch, tokenized and run through the model
+        for batch in batches:
+            encoded = tokenizer(
+                batch,
+                padding=True,
+                truncation=True,
+                max_length=args.max_length,
+                return_tensors="pt",
+            )
+            model(**encoded)
+
     def plain() -> None:
         with torch.no_grad():
-            for batch in batches:
-                encoded = tokenizer(
-                    batch,
-                    padding=True,
-                    truncation=True,
-                    max_length=args.max_length,
-                    return_tensors="pt",
-                )
-                model(**encoded)
+            forward_all()
 
     def stream_only() -> None:  # the capture alone: what scan costs before its statistics
         with (
             torch.no_grad(),
             attnscope_stream(model, lambda name, kind, weights: None, exact_outputs=False),
         ):
-            for batch in batches:
-                encoded = tokenizer(
-                    batch,
-                    padding=True,
-                    truncation=True,
-                    max_length=args.max_length,
-                    return_tensors="pt",
-                )
-                model(**encoded)
+            forward_all()
 
     def scan() -> None:
         runner.run(records)
