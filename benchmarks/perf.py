@@ -20,13 +20,19 @@ Variants (those that apply to the case):
   plain          the model alone: the baseline of every ratio
   plain-again    the same call once more in every round: the noise of this machine
   full, lazy     ``attnscope.capture(model)``, ``capture(model, lazy=True)`` (forward only)
+  full-fast      HF: ``capture(model, exact_outputs=False)``: sdpa answered from the weights
+                 it records (eager's arithmetic), outputs equal to rounding, not bit for bit
   selected       ``capture(include=<last layer>, rows=[0])`` (GPT-2: ``rows=[-1]``, the row a
                  causal model's next token reads)
   eager          HF: a copy on the eager implementation, called with ``output_attentions=True``
   seed-layers    nn: attnscope.TransformerEncoderLayerWithAttn
   seed-way       nn: the seed's way, fast path off and ``need_weights=True`` in ``_sa_block``
 Machinery ablations: the library patched from here during the one variant, its paired ratio
-also taken against the variant it ablates (``vs``) and judged against the noise:
+also taken against the variant it ablates (``vs``) and judged against the noise. They run in
+rounds of their own after the others (with plain, plain-again and the variants they ablate,
+retimed; those rows are ``ablation_rounds``): handing a gigabyte of maps back to the system
+in every round (``full-nopool`` at batch 8) slowed the next variant's fresh memory, eager's
+from 1.42x to 1.95x and lazy's from 1.03x to 1.08x of plain (hfbert-b8, 6 rounds each).
   full-nopool, lazy-nopool   ``attnscope.pool.LIMIT = 0``, the pool's free blocks set aside:
                  every block the capture keeps is fresh memory (what ``pool`` buys)
   full-recompute, lazy-recompute   nn: a pass-through in front of
@@ -56,7 +62,8 @@ Results: ``benchmarks/results/perf.json`` (``--out``); cases not rerun keep thei
 ``--quick`` results go to its ``smoke`` section, never over measured ones. ``--table`` prints
 the markdown tables from it.
 
-    python benchmarks/perf.py [--cases hfbert-b1 ...] [--rounds 20] [--budget 120]
+    python benchmarks/perf.py [--cases hfbert-b1 ...] [--variants full lazy ...] [--rounds 20]
+        [--budget 120]
         [--threads N] [--no-memory] [--device cuda] [--lengths 1024 4096] [--quick]
         [--new-tokens 128]
     python benchmarks/perf.py --list | --table
@@ -320,6 +327,7 @@ def _hf_variants(
         "plain": Variant(plain),
         "plain-again": Variant(plain),
         "full": Variant(_captured(model, plain)),
+        "full-fast": Variant(_captured(model, plain, exact_outputs=False)),
         "lazy": Variant(_captured(model, plain, lazy=True)),
         "selected": Variant(_captured(model, plain, include=last, rows=rows)),
         "eager": Variant(lambda: eager()(**inputs, output_attentions=True)),
@@ -429,6 +437,7 @@ def _generate_case() -> Case:
             "plain": Variant(plain),
             "plain-again": Variant(plain),
             "full": Variant(_captured(model, plain)),
+            "full-fast": Variant(_captured(model, plain, exact_outputs=False)),
             "lazy": Variant(_captured(model, plain, lazy=True)),
             "selected": Variant(
                 _captured(model, plain, include="transformer.h.11.attn", rows=[-1])
@@ -715,8 +724,26 @@ def run_case(case: str, length: int, args: argparse.Namespace) -> dict[str, Any]
     if built.check is not None:
         entry["checks"] = built.check()
     variants = dict(built.variants)
-    samples, releases, held, errors = timed(variants, args.rounds, args.budget)
-    entry["variants"] = summarise(samples, releases, held, variants)
+    if args.variants:  # a subset, plain always (every ratio's baseline), in the case's order
+        wanted = {"plain", *args.variants}
+        variants = {name: v for name, v in variants.items() if name in wanted}
+        variants.update({v.against: built.variants[v.against] for v in list(variants.values())})
+    headline = {name: v for name, v in variants.items() if name not in ABLATIONS}
+    ablated = {name: v for name, v in variants.items() if name in ABLATIONS}
+    samples, releases, held, errors = timed(headline, args.rounds, args.budget)
+    entry["variants"] = summarise(samples, releases, held, headline)
+    if ablated:  # rounds of their own: see the module's note ("Machinery ablations")
+        group = {n: v for n, v in headline.items() if n in ("plain", "plain-again")}
+        group.update(
+            {v.against: headline[v.against] for v in ablated.values() if v.against in headline}
+        )
+        group.update({n: v for n, v in ablated.items() if v.against in group})
+        more = timed(group, args.rounds, args.budget)
+        samples.update({n: more[0][n] for n in ablated if n in more[0]})
+        errors.update(more[3])
+        rows = summarise(*more[:3], group)
+        entry["variants"].update({n: rows[n] for n in ablated if n in rows})
+        entry["ablation_rounds"] = {n: rows[n] for n in group if n not in ablated}
     if errors:
         entry["errors"] = errors
     del built, variants
@@ -879,6 +906,9 @@ def table(report: dict[str, Any], section: str = "cases") -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", metavar="CASE", help="default: all; see --list")
+    parser.add_argument(
+        "--variants", nargs="+", metavar="VARIANT", help="default: all that apply (plain always)"
+    )
     parser.add_argument("--list", action="store_true", help="print the cases and exit")
     parser.add_argument("--table", action="store_true", help="print the tables of --out")
     parser.add_argument("--rounds", type=int, default=20, help="at least this many rounds")

@@ -1,7 +1,9 @@
-"""``stream(exact_outputs=False)``: an sdpa call's output from the streamed weights (w · v).
+"""``exact_outputs=False``: an sdpa call's output from the weights a stream or capture records
+(w · v).
 
-References: the same stream with the kernel's own outputs (the weights), the plain forward
-(the model's output at valid positions, to float32 rounding), and a count of kernel calls.
+References: the same stream with the kernel's own outputs (the weights), Hugging Face's eager
+weights (a capture's), the plain forward (the model's output at valid positions, to float32
+rounding), and a count of kernel calls.
 """
 
 from __future__ import annotations
@@ -242,3 +244,63 @@ def test_an_encoder_decoders_padded_decoder_rows_keep_their_cross_attention() ->
     fast, _ = _streamed(family, exact=False)
     for (name, kind, got), (_, _, want) in zip(fast, exact, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=f"{name} ({kind})")
+
+
+# -- capture(exact_outputs=False): the same answer, the weights kept ------------------------
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2", "t5"])
+def test_a_capture_answered_from_its_weights_keeps_eagers_weights_and_the_plain_outputs(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from attnscope import capture
+    from hf_models import eager_attentions
+
+    family = build(name)
+    with torch.no_grad():
+        plain = _hidden(family.model(**family.inputs))
+    eager = eager_attentions(family)  # the independent reference: HF's own eager weights
+    kernel_calls = _counting_kernel(monkeypatch)
+    with torch.no_grad(), capture(family.model, exact_outputs=False) as attn:
+        out = family.model(**family.inputs)
+    assert kernel_calls[0] == 0  # every call answered from the weights it recorded
+    assert [attn.kind(n) for n in attn.names] == family.kinds
+    for n, want in zip(attn.names, eager, strict=True):
+        got = attn[n]
+        rows = valid_queries(family, attn.kind(n), got.size(2))
+        if rows is not None:  # eager gives padded queries a row; the convention zeros them
+            got, want = got * rows[:, None, :, None], want * rows[:, None, :, None]
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=n)
+    got = _hidden(out)
+    mask = family.inputs.get("attention_mask")
+    if mask is not None and "decoder_input_ids" not in family.inputs:
+        got, plain = got[mask.bool()], plain[mask.bool()]
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_capture_of_some_heads_or_rows_keeps_the_kernel_and_its_exact_outputs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from attnscope import capture
+
+    family = build("bert")
+    with torch.no_grad():
+        plain = _hidden(family.model(**family.inputs))
+    kernel_calls = _counting_kernel(monkeypatch)
+    for option in ({"heads": [0]}, {"rows": [0]}):
+        kernel_calls[0] = 0
+        with torch.no_grad(), capture(family.model, exact_outputs=False, **option) as attn:
+            out = family.model(**family.inputs)
+        assert kernel_calls[0] == len(attn.names) > 0, option
+        assert torch.equal(_hidden(out), plain), option
+
+
+def test_lazy_and_exact_outputs_false_exclude_each_other() -> None:
+    from attnscope import AttnScopeError, capture
+
+    model = build("bert").model
+    with (
+        pytest.raises(AttnScopeError, match="lazy=True and exact_outputs=False"),
+        capture(model, lazy=True, exact_outputs=False),
+    ):
+        pass

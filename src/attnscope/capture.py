@@ -76,7 +76,7 @@ class _Recorder:
         self.norms = norms
         self.model = model
         self.wants_outputs = grads or norms is not None
-        # a stream whose consumer never reads the model's output (stream(exact_outputs=False))
+        # outputs to rounding accepted (exact_outputs=False): sdpa answered from the weights
         self.outputs_from_weights = False
         self.slots: list[GradSlot] = []
         self.projections: dict[str, nn.Module | None] = {}  # found once per module
@@ -268,6 +268,7 @@ def capture(
     adapters: Sequence[Adapter] = (),
     grads: bool = False,
     norms: bool | Mapping[str, str] = False,
+    exact_outputs: bool = True,
 ) -> Capture:
     """Record per-head attention weights of every attention module ``model`` calls.
 
@@ -294,6 +295,13 @@ def capture(
     is found by name (``o_proj``, ``out_proj``, ``c_proj``, ``dense``, ...), or given as
     ``norms={module: projection}``. See ``attnscope.attribution``.
 
+    ``exact_outputs=False`` trades the bit-identical output for eager's cost: each plain
+    float32/float64 ``scaled_dot_product_attention`` call (no gradients, dropout, ``heads=``,
+    ``rows=``, ``norms=`` or ``lazy=``) is answered with the weights it records times its
+    values, as an eager implementation computes it, instead of the kernel and a recompute of
+    the weights beside it. The model's outputs then equal its plain ones to rounding, and the
+    weights are exactly those the forward used; every other call runs the kernel as before.
+
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
     >>> model = torch.nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
@@ -317,6 +325,7 @@ def capture(
         "adapters": adapters,
         "grads": grads,
         "norms": norms,
+        "exact_outputs": exact_outputs,
     }
     return Capture(model, options)
 
@@ -422,6 +431,11 @@ def _prepare(
         raise AttnScopeError(f"grads= takes True or False, got {grads!r}")
     if not isinstance(exact_outputs, bool):
         raise AttnScopeError(f"exact_outputs= takes True or False, got {exact_outputs!r}")
+    if lazy and not exact_outputs:
+        raise AttnScopeError(
+            "lazy=True and exact_outputs=False exclude each other: a lazy capture computes "
+            "no weights while the model runs, so none can answer its calls; choose one"
+        )
     selected = set(_select(model, available, include, exclude))
     keep_include = matcher(include) if include is not None else None
     drop = matcher(exclude) if exclude is not None else None
@@ -455,10 +469,10 @@ def _prepare(
         model,
     )
     recorder.outputs_from_weights = (
-        consume is not None
-        and not exact_outputs
+        not exact_outputs
         and recorder.heads is None
         and recorder.rows is None
+        and not recorder.wants_outputs
     )
     chosen = [
         (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found
