@@ -58,7 +58,8 @@ variant needs and runs it twice: its peak RSS (VmHWM), on a GPU also
 ``torch.cuda.max_memory_allocated``; with the bytes a full capture holds (``attn.nbytes``)
 the bound of point 2: peak_full <= peak_plain + maps + 10% of peak_plain.
 
-Results: ``benchmarks/results/perf.json`` (``--out``); cases not rerun keep their figures;
+Results: ``benchmarks/results/perf.json`` (``--out``); cases not rerun keep their figures (a
+case run with ``--variants``, a subset with plain always, holds only those);
 ``--quick`` results go to its ``smoke`` section, never over measured ones. ``--table`` prints
 the markdown tables from it.
 
