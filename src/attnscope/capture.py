@@ -300,7 +300,8 @@ def capture(
     ``rows=``, ``norms=`` or ``lazy=``) is answered with the weights it records times its
     values, as an eager implementation computes it, instead of the kernel and a recompute of
     the weights beside it. The model's outputs then equal its plain ones to rounding, and the
-    weights are exactly those the forward used; every other call runs the kernel as before.
+    weights are exactly those the forward used; every other call (``nn.MultiheadAttention``'s
+    and PyTorch's fused layers' included) runs its kernel as before.
 
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
