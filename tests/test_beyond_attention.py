@@ -297,6 +297,50 @@ def test_norms_torch_encoder_equal_explicit_matrices() -> None:
         close(attn.norms(name).double(), expected)
 
 
+class _SdpaWithProjection(nn.Module):
+    """Hand-written attention through sdpa with values of fewer dims than the queries."""
+
+    def __init__(self, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.out_proj = nn.Linear(heads * 8, 16, dtype=torch.float64)
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        if q.dim() == 3:
+            return self.out_proj(out)
+        return self.out_proj(out.transpose(1, 2).reshape(q.size(0), q.size(2), -1))
+
+
+@pytest.mark.filterwarnings("ignore:.*labelled 'self'")
+@pytest.mark.parametrize(
+    ("query_shape", "value_shape"),
+    [((2, 4, 5, 8), (4, 6, 8)), ((2, 4, 5, 8), (1, 6, 8)), ((2, 5, 8), (2, 6, 8))],
+)
+def test_norms_of_values_the_kernel_broadcasts(
+    query_shape: tuple[int, ...], value_shape: tuple[int, ...]
+) -> None:
+    """A 3-D value beside 4-D queries is (heads, key, dim), shared by the batch, as sdpa
+    broadcasts it; beside 3-D queries it is (batch, key, dim). By hand: softmax(q kᵀ/√d)
+    times ‖v_h W_O^h‖."""
+    g = torch.Generator().manual_seed(0)
+    heads = query_shape[1] if len(query_shape) == 4 else 1
+    model = _SdpaWithProjection(heads)
+    q = torch.randn(query_shape, generator=g, dtype=torch.float64)
+    k = torch.randn((*query_shape[:-2], 6, 8), generator=g, dtype=torch.float64)
+    v = torch.randn(value_shape, generator=g, dtype=torch.float64)
+    with torch.no_grad(), attnscope.capture(model, norms=True) as attn:
+        model(q, k, v)
+    q4, k4 = (q, k) if q.dim() == 4 else (q[:, None], k[:, None])
+    v4 = v[None] if q.dim() == 4 else v[:, None]
+    weights = torch.softmax(q4 @ k4.transpose(-1, -2) / 8**0.5, dim=-1)
+    per_head = model.out_proj.weight.detach().view(16, heads, 8)
+    lengths = torch.stack(
+        [(v4[:, h % v4.size(1)] @ per_head[:, h].t()).norm(dim=-1) for h in range(heads)], dim=1
+    )
+    torch.testing.assert_close(attn.norms(attn.names[0]), weights * lengths[:, :, None, :])
+
+
 # -- 3. grad_rollout and rollout(weights="norms") ----------------------------------------------
 
 

@@ -848,7 +848,7 @@ def sdpa_call(
     held = tuple(t for t in (query, key, mask) if t is not None)
     values = None
     if not packed and call.value.dim() in (3, 4):
-        value = call.value if call.value.dim() == 4 else call.value.unsqueeze(1)
+        value = _values_4d(call)
 
         def values() -> Tensor:
             if value.size(1) != heads:  # grouped-query attention: each head's own values
@@ -862,7 +862,7 @@ def sdpa_call(
         kernel_output = output  # the tensor itself: a hook on a view of it would never fire
     elif output is not None:  # one decoding step's heads packed into the query axis
         kernel_output = output
-        grouped = call.value if call.value.dim() == 4 else call.value.unsqueeze(1)
+        grouped = _values_4d(call)
 
         def values() -> Tensor:
             return grouped.repeat_interleave(heads // grouped.size(1), dim=1)
@@ -888,6 +888,16 @@ def sdpa_call(
         output=kernel_output,
         grad_note=note,
     )
+
+
+def _values_4d(call: _SdpaArgs) -> Tensor:
+    """The call's values as (batch or 1, heads or 1, key, dim), broadcasting as the kernel
+    does: leading dims align from the right, so a 3-D value beside 4-D queries is (heads,
+    key, dim), shared by the batch, and beside 3-D queries (batch, key, dim)."""
+    value = call.value
+    if value.dim() == 4:
+        return value
+    return value.unsqueeze(1) if call.query.dim() == 3 else value.unsqueeze(0)
 
 
 def _plain_math(call: _SdpaArgs) -> bool:
