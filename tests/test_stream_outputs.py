@@ -220,19 +220,77 @@ def test_the_output_is_laid_out_as_the_kernels() -> None:
     fast.transpose(1, 2).view(2, 5, 24)  # what a caller of the kernel may do
 
 
-def test_a_call_the_kernel_refuses_is_refused_the_same() -> None:
+def _query_layouts() -> list[tuple[str, torch.Tensor]]:
+    """(2, 4, 3, 8) queries in every order of memory, broadcast, sliced and transposed."""
+    import itertools
+
+    shape = (2, 4, 3, 8)
+    g = torch.Generator().manual_seed(6)
+    layouts = []
+    for perm in itertools.permutations(range(4)):
+        stored = torch.randn([shape[p] for p in perm], generator=g)
+        layouts.append((f"stored as {perm}", stored.permute([perm.index(d) for d in range(4)])))
+    layouts.append(("broadcast batch", torch.randn(1, 4, 3, 8, generator=g).expand(2, -1, -1, -1)))
+    layouts.append(("broadcast heads", torch.randn(2, 1, 3, 8, generator=g).expand(-1, 4, -1, -1)))
+    layouts.append(("a slice", torch.randn(2, 4, 3, 16, generator=g)[..., :8]))
+    return layouts
+
+
+@pytest.mark.parametrize(("layout", "q"), _query_layouts())
+def test_the_output_has_the_kernels_strides_whatever_the_querys_layout(
+    layout: str, q: torch.Tensor
+) -> None:
+    g = torch.Generator().manual_seed(7)
+    k, v = (torch.randn(2, 4, 5, 8, generator=g) for _ in range(2))
+    plain, fast, _, _ = _both_streams(_Sdpa(), q, k, v)
+    assert fast.stride() == plain.stride(), layout
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("what", "key_heads", "value_heads", "value_keys", "gqa"),
+    [
+        ("grouped keys without enable_gqa", 2, 2, 3, False),
+        ("query heads not a multiple of the key heads", 3, 3, 3, True),
+        ("values for more keys", 4, 4, 4, False),
+        ("keys and values with other heads", 4, 2, 3, False),
+    ],
+)
+def test_a_call_outside_the_plain_math_gets_the_kernels_answer(
+    what: str, key_heads: int, value_heads: int, value_keys: int, gqa: bool
+) -> None:
+    """The kernel's own output or its own error, whichever it gives."""
     q, _, _ = _qkv(1, 4, 3, 3)
-    _, k, v = _qkv(1, 2, 3, 3)  # grouped keys without enable_gqa
+    k = _qkv(1, key_heads, 3, 3, seed=1)[1]
+    v = _qkv(1, value_heads, 3, value_keys, seed=2)[2]
+    module = _Sdpa(enable_gqa=True) if gqa else _Sdpa()
+
+    def answer() -> torch.Tensor | str:
+        try:
+            return module(q, k, v)
+        except RuntimeError as error:
+            return str(error)
+
+    with torch.no_grad():
+        plain = answer()
+        with stream(module, lambda n, kd, w: None, exact_outputs=False):
+            fast = answer()
+    if isinstance(plain, str):
+        assert fast == plain, what
+    else:
+        assert isinstance(fast, torch.Tensor) and torch.equal(fast, plain), what
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_under_autocast_float32_inputs_keep_the_kernels_output(dtype: torch.dtype) -> None:
+    q, k, v = _qkv(2, 4, 5, 6)
     module = _Sdpa()
-    with torch.no_grad(), pytest.raises(RuntimeError) as plain:
-        module(q, k, v)
-    with (
-        torch.no_grad(),
-        stream(module, lambda n, kd, w: None, exact_outputs=False),
-        pytest.raises(RuntimeError) as fast,
-    ):
-        module(q, k, v)
-    assert str(fast.value) == str(plain.value)
+    with torch.no_grad(), torch.autocast("cpu", dtype=dtype):
+        plain = module(q, k, v)
+        with stream(module, lambda n, kd, w: None, exact_outputs=False):
+            fast = module(q, k, v)
+    assert fast.dtype == plain.dtype == dtype
+    assert torch.equal(fast, plain)
 
 
 def test_an_encoder_decoders_padded_decoder_rows_keep_their_cross_attention() -> None:
@@ -304,3 +362,25 @@ def test_lazy_and_exact_outputs_false_exclude_each_other() -> None:
         capture(model, lazy=True, exact_outputs=False),
     ):
         pass
+
+
+def test_max_bytes_refuses_before_any_map_is_computed(monkeypatch: pytest.MonkeyPatch) -> None:
+    from attnscope import AttnScopeError, capture
+
+    computed: list[tuple[int, ...]] = []
+    original = sdpa.softmax_weights
+
+    def recording(q: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        computed.append(tuple(q.shape))
+        return original(q, *args, **kwargs)
+
+    monkeypatch.setattr(sdpa, "softmax_weights", recording)
+    q = torch.randn(1, 4, 64, 8)  # a 64 KiB map
+    module = _Sdpa()
+    with (
+        torch.no_grad(),
+        pytest.raises(AttnScopeError, match="refused before allocating"),
+        capture(module, max_bytes=1000, exact_outputs=False),
+    ):
+        module(q, q, q)
+    assert computed == []

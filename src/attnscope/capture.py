@@ -296,12 +296,12 @@ def capture(
     ``norms={module: projection}``. See ``attnscope.attribution``.
 
     ``exact_outputs=False`` trades the bit-identical output for eager's cost: each plain
-    float32/float64 ``scaled_dot_product_attention`` call (no gradients, dropout, ``heads=``,
-    ``rows=``, ``norms=`` or ``lazy=``) is answered with the weights it records times its
-    values, as an eager implementation computes it, instead of the kernel and a recompute of
-    the weights beside it. The model's outputs then equal its plain ones to rounding, and the
-    weights are exactly those the forward used; every other call (``nn.MultiheadAttention``'s
-    and PyTorch's fused layers' included) runs its kernel as before.
+    float32/float64 ``scaled_dot_product_attention`` call (no gradients, autocast, dropout,
+    ``heads=``, ``rows=``, ``norms=``, ``max_bytes=`` or ``lazy=``) is answered with the
+    weights it records times its values, as an eager implementation computes it, instead of
+    the kernel and a recompute of the weights beside it. The model's outputs then equal its
+    plain ones to rounding, and the weights are exactly those the forward used; every other
+    call (``nn.MultiheadAttention``'s and PyTorch's fused layers' included) runs its kernel.
 
     >>> import torch
     >>> layer = torch.nn.TransformerEncoderLayer(16, 4, batch_first=True)
@@ -474,6 +474,7 @@ def _prepare(
         and recorder.heads is None
         and recorder.rows is None
         and not recorder.wants_outputs
+        and recorder.max_bytes is None  # its refusal comes before any map is computed
     )
     chosen = [
         (a, {n: m for n, m in modules.items() if n in selected}, keeper(a)) for a, modules in found

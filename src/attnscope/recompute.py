@@ -104,7 +104,7 @@ def softmax_weights(
             [0.2689, 0.7311]])
     """
     dtype = torch.result_type(q, k)
-    in_place = q.device.type == "cpu" and not _autocast(q) and dtype in _IN_PLACE
+    in_place = q.device.type == "cpu" and not autocast_on(q) and dtype in _IN_PLACE
     lead = q.shape[:-2]
     if k.shape[:-2] != lead:  # torch.broadcast_shapes is Python: 25 us a call, when not needed
         lead = torch.broadcast_shapes(lead, k.shape[:-2])
@@ -147,7 +147,8 @@ def _scores(q: Tensor, k: Tensor, scale: float, lead: torch.Size, out: Tensor | 
 _IN_PLACE = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-def _autocast(tensor: Tensor) -> bool:
+def autocast_on(tensor: Tensor) -> bool:
+    """Whether autocast is on for ``tensor``'s device (its ops may then run in another dtype)."""
     try:
         return torch.is_autocast_enabled(tensor.device.type)
     except TypeError:  # torch < 2.4 takes no device type

@@ -903,36 +903,59 @@ def _values_4d(call: _SdpaArgs) -> Tensor:
 def _plain_math(call: _SdpaArgs) -> bool:
     """Whether the kernel's output is ``softmax(q kᵀ · scale + mask) · v`` and nothing else
     that ``_output_from_weights`` could miss: no dropout, 4-D query, key and value (a 3-D
-    value broadcasts against the heads), no graph to build, float32 or float64 throughout (in
-    half precision the kernel accumulates in float32, and a product of rounded weights would
-    move the next layers' inputs by more than rounding), and a call the kernel itself would
-    take (grouped keys only with ``enable_gqa``, a float mask of the query's dtype)."""
+    value broadcasts against the heads), no graph to build, no autocast (the kernel would run
+    in its dtype), float32 or float64 throughout (in half precision the kernel accumulates in
+    float32, and a product of rounded weights would move the next layers' inputs by more than
+    rounding), and a call the kernel itself would take as it stands (values for every key,
+    grouped keys only with ``enable_gqa`` and a whole number of query heads per key head, a
+    float mask of the query's dtype): any other goes to the kernel, which answers it or
+    refuses it with its own message."""
     query, key, value, mask = call.query, call.key, call.value, call.attn_mask
+    if call.dropout_p != 0 or not query.dim() == key.dim() == value.dim() == 4:
+        return False
+    heads, key_heads = query.size(1), key.size(1)
     return (
-        call.dropout_p == 0
-        and query.dim() == key.dim() == value.dim() == 4
-        and not torch.is_grad_enabled()
+        not torch.is_grad_enabled()
+        and not recompute.autocast_on(query)
         and query.dtype == key.dtype == value.dtype
         and query.dtype in (torch.float32, torch.float64)
-        and (query.size(1) == key.size(1) == value.size(1) or call.enable_gqa)
+        and key.size(-2) == value.size(-2)
+        and key_heads == value.size(1)
+        and (heads == key_heads or (call.enable_gqa and heads % max(key_heads, 1) == 0))
         and (mask is None or mask.dtype in (torch.bool, query.dtype))
     )
 
 
 def _output_from_weights(weights: Tensor, values: Tensor, query: Tensor) -> Tensor:
-    """``weights · values`` per head, for a call of ``_plain_math``: what a stream that never
-    reads the model's output runs instead of the kernel and a recompute beside it. The
+    """``weights · values`` per head, for a call of ``_plain_math``: what a capture or stream
+    that accepts outputs to rounding runs instead of the kernel and a recompute beside it. The
     weights are those before the convention zeroes rows (padded queries, rows a float mask
-    hides at its minimum), as the kernel has them; the output is laid out in the query's
-    order of strides, as the kernel's is, so a caller's ``transpose(1, 2).view(...)`` of it
-    works the same."""
+    hides at its minimum), as the kernel has them. The output is laid out as the CPU kernel
+    lays out its own, so a caller's ``transpose(1, 2).view(...)`` of it works the same: in the
+    query's order of strides where the query is dense with its last dim innermost (a
+    permutation of a contiguous tensor), else contiguous."""
     batch, heads, queries, _ = weights.shape
     shape = (batch, heads, queries, values.size(-1))
     strides = query.stride()
+    if strides[-1] != 1 or not _dense(query):
+        return recompute.matmul(weights, values, out=weights.new_empty(shape))
     order = sorted(range(4), key=lambda dim: -strides[dim])  # outermost first
     output = torch.empty([shape[d] for d in order], dtype=weights.dtype, device=weights.device)
     output = output.permute([order.index(dim) for dim in range(4)])
     return recompute.matmul(weights, values, out=output)
+
+
+def _dense(tensor: Tensor) -> bool:
+    """Whether ``tensor`` covers its storage span without gaps or overlaps (a permutation of
+    a contiguous tensor): no broadcast (stride 0) dims, no slices."""
+    expected = 1
+    for dim in sorted(range(tensor.dim()), key=tensor.stride):
+        if tensor.size(dim) == 1:
+            continue
+        if tensor.stride(dim) != expected:
+            return False
+        expected *= tensor.size(dim)
+    return True
 
 
 def _hidden_of_computed(weights: Tensor, mask: Tensor | None) -> Tensor | None:
