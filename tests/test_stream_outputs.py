@@ -252,14 +252,15 @@ def test_the_output_has_the_kernels_strides_whatever_the_querys_layout(
     [
         ("grouped keys without enable_gqa", 2, 2, 3, False),
         ("query heads not a multiple of the key heads", 3, 3, 3, True),
-        ("values for more keys", 4, 4, 4, False),
         ("keys and values with other heads", 4, 2, 3, False),
     ],
 )
 def test_a_call_outside_the_plain_math_gets_the_kernels_answer(
     what: str, key_heads: int, value_heads: int, value_keys: int, gqa: bool
 ) -> None:
-    """The kernel's own output or its own error, whichever it gives."""
+    """The kernel's own output or its own error, whichever it gives. (Values for other keys
+    than the keys go to the kernel too, but there the CPU kernel reads past the values and
+    its output differs from run to run: nothing to compare.)"""
     q, _, _ = _qkv(1, 4, 3, 3)
     k = _qkv(1, key_heads, 3, 3, seed=1)[1]
     v = _qkv(1, value_heads, 3, value_keys, seed=2)[2]
