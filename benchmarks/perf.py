@@ -727,6 +727,9 @@ def run_case(case: str, length: int, args: argparse.Namespace) -> dict[str, Any]
     variants = dict(built.variants)
     if args.variants:  # a subset, plain always (every ratio's baseline), in the case's order
         wanted = {"plain", *args.variants}
+        unknown = sorted(wanted - set(variants))
+        if unknown:
+            raise SystemExit(f"{case} has no variant {unknown}; it has {sorted(variants)}")
         variants = {name: v for name, v in variants.items() if name in wanted}
         variants.update({v.against: built.variants[v.against] for v in list(variants.values())})
     headline = {name: v for name, v in variants.items() if name not in ABLATIONS}

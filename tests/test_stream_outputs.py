@@ -46,6 +46,24 @@ def _counting_kernel(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
+def _assert_weights_close(
+    family: Family, kind: str, got: torch.Tensor, want: torch.Tensor, name: str
+) -> None:
+    """Weights within float32 rounding at the queries that are not padding."""
+    rows = valid_queries(family, kind, got.size(2))
+    if rows is not None:
+        got, want = got * rows[:, None, :, None], want * rows[:, None, :, None]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _assert_valid_outputs_close(family: Family, got: torch.Tensor, plain: torch.Tensor) -> None:
+    """The model's output within float32 rounding of the plain one at its valid positions."""
+    mask = family.inputs.get("attention_mask")
+    if mask is not None and "decoder_input_ids" not in family.inputs:
+        got, plain = got[mask.bool()], plain[mask.bool()]
+    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", FLOAT32_FAMILIES)
 def test_weights_match_the_kernels_stream_and_valid_outputs_the_plain_forward(
     name: str, monkeypatch: pytest.MonkeyPatch
@@ -60,16 +78,8 @@ def test_weights_match_the_kernels_stream_and_valid_outputs_the_plain_forward(
     assert kernel_calls[0] == 0  # every call answered from its weights
     assert [(n, k) for n, k, _ in fast] == [(n, k) for n, k, _ in exact]
     for (name_, kind, got), (_, _, want) in zip(fast, exact, strict=True):
-        rows = valid_queries(family, kind, got.size(2))
-        if rows is not None:  # padded queries: zeros in both (the convention)
-            got, want = got * rows[:, None, :, None], want * rows[:, None, :, None]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name_)
-    got = _hidden(fast_out)
-    mask = family.inputs.get("attention_mask")
-    if mask is not None and "decoder_input_ids" not in family.inputs:
-        keep = mask.bool()
-        got, plain = got[keep], plain[keep]
-    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+        _assert_weights_close(family, kind, got, want, name_)  # padded queries: zeros in both
+    _assert_valid_outputs_close(family, _hidden(fast_out), plain)
 
 
 def test_half_precision_dropout_and_gradients_keep_the_kernel(
@@ -325,16 +335,9 @@ def test_a_capture_answered_from_its_weights_keeps_eagers_weights_and_the_plain_
     assert kernel_calls[0] == 0  # every call answered from the weights it recorded
     assert [attn.kind(n) for n in attn.names] == family.kinds
     for n, want in zip(attn.names, eager, strict=True):
-        got = attn[n]
-        rows = valid_queries(family, attn.kind(n), got.size(2))
-        if rows is not None:  # eager gives padded queries a row; the convention zeros them
-            got, want = got * rows[:, None, :, None], want * rows[:, None, :, None]
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=n)
-    got = _hidden(out)
-    mask = family.inputs.get("attention_mask")
-    if mask is not None and "decoder_input_ids" not in family.inputs:
-        got, plain = got[mask.bool()], plain[mask.bool()]
-    torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5)
+        # eager gives padded queries a row; the convention zeros them
+        _assert_weights_close(family, attn.kind(n), attn[n], want, n)
+    _assert_valid_outputs_close(family, _hidden(out), plain)
 
 
 def test_a_capture_of_some_heads_or_rows_keeps_the_kernel_and_its_exact_outputs(

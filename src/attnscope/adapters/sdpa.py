@@ -391,9 +391,9 @@ class _SdpaSession(Session):
         from_weights: bool = False,
     ) -> Tensor | None:
         """Record one sdpa call the kernel answered with ``output``. ``from_weights`` (before
-        any kernel ran, for a stream with ``exact_outputs=False``): record it and return its
-        output computed from the weights, or return None, having done nothing, where that is
-        not a plain call (the kernel then runs and this is called again)."""
+        any kernel ran, for a capture or stream with ``exact_outputs=False``): record it and
+        return its output computed from the weights, or return None, having done nothing,
+        where that is not a plain call (the kernel then runs and this is called again)."""
         found = self.owner(callers)
         if found is None or isinstance(found[0], nn.MultiheadAttention):
             return None  # not this model's, or left to the torch.nn adapter
