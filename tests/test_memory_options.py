@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import weakref
 from pathlib import Path
 
 import pytest
@@ -293,6 +294,45 @@ def test_lazy_refuses_a_held_tensor_changed_in_place() -> None:
     k.add_(1.0)  # the cache is written after the forward
     with pytest.raises(AttnScopeError, match=r"changed in place.*lazy=False"):
         lazy[""]
+
+
+class _SeparateProjections(nn.Module):
+    """q, k and v from projections of their own (BERT's layout), and a record of the values
+    and output of its last sdpa call, weakly held."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.q, self.k, self.v = (nn.Linear(width, width) for _ in range(3))
+        self.heads = heads
+        self.seen: list[weakref.ref[torch.Tensor]] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        shape = (batch, length, self.heads, width // self.heads)
+        q, k, v = (p(x).view(shape).transpose(1, 2) for p in (self.q, self.k, self.v))
+        output = F.scaled_dot_product_attention(q, k, v)
+        self.seen = [weakref.ref(t) for t in (q, k, v, output)]
+        return output.transpose(1, 2).reshape(batch, length, width)
+
+
+@pytest.mark.parametrize("options", [{}, {"norms": {"": "q"}}])
+def test_lazy_keeps_queries_and_keys_and_lets_values_and_output_go(options: dict) -> None:
+    """A lazy capture needs q and k (and the mask) for the weights; it must not keep the
+    values and the kernel's output alive as well, twice the memory it says it holds, unless
+    the capture asked for norms (read from the values as the forward runs)."""
+    torch.manual_seed(0)
+    attention = _SeparateProjections(16, 4).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad(), attnscope.capture(attention, lazy=True, **options) as lazy:
+        attention(x)
+    gc.collect()
+    q, k, v, output = (ref() for ref in attention.seen)
+    assert q is not None and k is not None, "the weights' own terms were let go"
+    assert v is None and output is None, "the values or the output are still held"
+    q_heads = attention.q(x).view(2, 5, 4, 4).transpose(1, 2)
+    k_heads = attention.k(x).view(2, 5, 4, 4).transpose(1, 2)
+    expected = torch.softmax(q_heads @ k_heads.mT / 2.0, -1)
+    torch.testing.assert_close(lazy[""], expected, atol=1e-6, rtol=0)
 
 
 def test_lazy_heads_dtype_and_save(tmp_path: Path) -> None:

@@ -139,6 +139,8 @@ class _Recorder:
             self.maps._grads.setdefault(name, []).append(self._slot(name, call, rows))
         if self.norms is not None:
             self.maps._norms.setdefault(name, []).append(self._value_norms(name, call))
+        if self.keep:  # kept lazily: only what the weights need (``held``), not the values
+            call.values = call.output = call.grad_of = None  # and the output beside them
         self.calls += 1
 
     def _slot(self, name: str, call: AttentionCall, rows: Tensor | None) -> GradSlot:
