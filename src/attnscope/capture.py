@@ -113,7 +113,8 @@ class _Recorder:
             weights: Tensor | LazyWeights = LazyWeights(
                 name, call, self.heads, rows, self.to, self.dtype
             )
-            estimate = weights.nbytes
+            # only a limit reads it, and a lazy call's sum of spans is most of its cost
+            estimate = 0 if self.max_bytes is None else weights.nbytes
         else:
             estimate = batch * heads * queries * keys * (self.dtype or call.dtype).itemsize
         if self.max_bytes is not None and self.bytes + estimate > self.max_bytes:

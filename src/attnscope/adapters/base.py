@@ -74,6 +74,7 @@ class Session:
         self.keep = keep
         self.thread = threading.get_ident()
         self.kinds: dict[int, str] = {}  # a module's kind is fixed by its first call
+        self._kept: dict[int, bool] = {}  # keep(name) of each module met, asked once
 
     @property
     def wants_outputs(self) -> bool:
@@ -84,7 +85,9 @@ class Session:
         module = next((m for m in callers if id(m) in self.names), None)
         if module is None:
             return None
-        name = self.names[id(module)]
-        if id(module) not in self.selected and not self.keep(name):
-            return None
-        return module, name
+        key = id(module)
+        name = self.names[key]
+        kept = self._kept.get(key)
+        if kept is None:  # a module's name is fixed: one match of the filters per capture
+            kept = self._kept[key] = key in self.selected or self.keep(name)
+        return (module, name) if kept else None

@@ -158,16 +158,13 @@ def eager_weights(output: Any) -> Tensor | None:
 
 def packed_gqa_groups(module: nn.Module | None, query: Tensor, key: Tensor) -> bool:
     """Hugging Face packs one decoding step's query heads into the query axis (``pack_gqa``)."""
+    if query.size(-2) < 2 or query.size(1) != key.size(1):  # the tensors first: cheaper
+        return False
     groups = attribute(module, "num_key_value_groups", 1)
+    if not isinstance(groups, int) or groups < 2 or query.size(-2) != groups:
+        return False
     heads = attribute(attribute(module, "config", None), "num_attention_heads", None)
-    return (
-        isinstance(groups, int)
-        and groups > 1
-        and query.size(-2) == groups
-        and query.size(1) == key.size(1)
-        and heads is not None
-        and query.size(1) * groups == heads
-    )
+    return heads is not None and query.size(1) * groups == heads
 
 
 def attribute(owner: object, name: str, default: Any) -> Any:

@@ -798,27 +798,89 @@ def sdpa_call(
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
     if kind == "cross" or packed:
         padded_queries = None
-    is_causal = call.is_causal
+    weights = _SdpaWeights(query, key, mask, packed, scale, call.is_causal, padded_queries)
+    weights.heads = heads
+    has_values = (not packed and call.value.dim() in (3, 4)) or (packed and output is not None)
+    values = _HeadValues(_values_4d(call), heads) if has_values else None
+    kernel_output, note = None, None
+    if output is not None and call.dropout_p > 0:
+        note = dropout_note(call.dropout_p)
+    elif output is not None:  # the tensor itself: a hook on a view of it would never fire
+        kernel_output = output
+    if from_weights and values is not None:
+        with torch.no_grad():
+            computed, blocked = weights.unblanked()
+            kernel_output = _output_from_weights(computed, values(), call.query)
+            weights.computed = blank_rows_(computed, blocked, padded_queries)
+    return AttentionCall(
+        kind,
+        (batch, heads, queries, keys),
+        query.dtype,
+        weights.compute,
+        tuple(t for t in (query, key, mask) if t is not None),
+        weights.terms,
+        values=values,
+        output=kernel_output,
+        grad_note=note,
+    )
 
-    def expanded_keys() -> Tensor:
+
+class _SdpaWeights:
+    """One sdpa call's weights, from what it read (queries, keys, mask), as the kernel forms
+    them: the ``compute``, ``terms`` and ``values`` of its ``AttentionCall``. One slotted
+    object per call rather than a closure each: a lazy capture keeps every call of a
+    generation (layers x steps), and each closure and cell is one more object for Python's
+    garbage collector to walk (one full collection over a lazy capture's objects cost a
+    GPT-2 decoding step more than the rest of its recording did)."""
+
+    __slots__ = (
+        "computed",
+        "heads",
+        "is_causal",
+        "key",
+        "mask",
+        "packed",
+        "padded_queries",
+        "query",
+        "scale",
+    )
+
+    def __init__(
+        self,
+        query: Tensor,
+        key: Tensor,
+        mask: Tensor | None,
+        packed: bool,
+        scale: float,
+        is_causal: bool,
+        padded_queries: Tensor | None,
+    ) -> None:
+        self.query, self.key, self.mask = query, key, mask  # (batch, heads, ...) each
+        self.packed = packed  # one decoding step's query heads in the query axis
+        self.scale, self.is_causal, self.padded_queries = scale, is_causal, padded_queries
+        self.heads = query.size(1)  # of the weights: query heads x groups where packed
+        self.computed: Tensor | None = None  # the weights, where computed at the call
+
+    def _expanded_keys(self) -> Tensor:
+        query, key = self.query, self.key
         if key.size(1) != query.size(1):  # grouped-query attention: one map per query head
             return key.repeat_interleave(query.size(1) // key.size(1), dim=1)
         return key
 
-    def terms() -> tuple[Tensor, Tensor]:
+    def terms(self) -> tuple[Tensor, Tensor]:
         with torch.no_grad():
-            if packed:  # (batch, kv heads, groups, dim): one query per head, keys shared
-                groups = query.size(-2)
-                return query.reshape(batch, heads, 1, dim) * scale, key.repeat_interleave(
-                    groups, dim=1
-                )
-            return query * scale, expanded_keys()
+            if self.packed:  # (batch, kv heads, groups, dim): one query per head, keys shared
+                batch, _, groups, dim = self.query.shape
+                queries = self.query.reshape(batch, self.heads, 1, dim) * self.scale
+                return queries, self.key.repeat_interleave(groups, dim=1)
+            return self.query * self.scale, self._expanded_keys()
 
-    def unblanked(rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def unblanked(self, rows: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
         """The weights before the convention's rows are zeroed, and the keys a float mask
         hides at its minimum (rows a bool mask or causality hides are zeros already)."""
-        q, k, m = query, expanded_keys(), mask
-        if rows is not None and not packed:
+        q, k, m = self.query, self._expanded_keys(), self.mask
+        keys = k.size(-2)
+        if rows is not None and not self.packed:
             q = q[:, :, rows]
             if m is not None and m.size(-2) > 1:
                 m = m[..., rows, :]
@@ -827,67 +889,41 @@ def sdpa_call(
         additive = m
         if m is not None and m.dtype == torch.bool:
             additive = additive_mask(~m, q.dtype)
-        if is_causal:
-            causal = causal_additive_mask(query.size(-2), keys, q.dtype, k.device)
+        if self.is_causal:
+            causal = causal_additive_mask(self.query.size(-2), keys, q.dtype, k.device)
             causal = causal if rows is None else causal[rows]
             additive = causal if additive is None else additive + causal
-        weights = softmax_weights(q, k, scale, additive)
-        if packed:
-            weights = weights.reshape(batch, heads, 1, keys)
+        weights = softmax_weights(q, k, self.scale, additive)
+        if self.packed:
+            weights = weights.reshape(self.query.size(0), self.heads, 1, keys)
             return (weights if rows is None else weights[:, :, rows]), None
         return weights, hidden_keys(m) if m is not None and m.is_floating_point() else None
 
-    def compute(rows: Tensor | None = None) -> Tensor:
+    def compute(self, rows: Tensor | None = None) -> Tensor:
+        if self.computed is not None:
+            return self.computed if rows is None else self.computed[:, :, rows]
         with torch.no_grad():
-            weights, blocked = unblanked(rows)
-            if packed:
+            weights, blocked = self.unblanked(rows)
+            if self.packed:
                 return weights
             # the weights are this call's own, fresh: zeroed in place
-            return blank_rows_(weights, blocked, padded_queries, rows)
+            return blank_rows_(weights, blocked, self.padded_queries, rows)
 
-    held = tuple(t for t in (query, key, mask) if t is not None)
-    values = None
-    if not packed and call.value.dim() in (3, 4):
-        value = _values_4d(call)
 
-        def values() -> Tensor:
-            if value.size(1) != heads:  # grouped-query attention: each head's own values
-                return value.repeat_interleave(heads // value.size(1), dim=1)
-            return value
+class _HeadValues:
+    """One call's per-head values (batch, heads, key, dim), grouped-query values expanded to
+    each query head: an ``AttentionCall``'s ``values``, apart from its weights, so that a
+    lazy capture, which needs only the weights, lets them go."""
 
-    kernel_output, note = None, None
-    if output is not None and call.dropout_p > 0:
-        note = dropout_note(call.dropout_p)
-    elif output is not None and not packed:
-        kernel_output = output  # the tensor itself: a hook on a view of it would never fire
-    elif output is not None:  # one decoding step's heads packed into the query axis
-        kernel_output = output
-        grouped = _values_4d(call)
+    __slots__ = ("heads", "value")
 
-        def values() -> Tensor:
-            return grouped.repeat_interleave(heads // grouped.size(1), dim=1)
+    def __init__(self, value: Tensor, heads: int) -> None:
+        self.value, self.heads = value, heads  # (batch or 1, heads or 1, key, dim)
 
-    recompute_now = compute
-    if from_weights and values is not None:
-        with torch.no_grad():
-            weights, blocked = unblanked()
-            kernel_output = _output_from_weights(weights, values(), call.query)
-            blank_rows_(weights, blocked, padded_queries)
-
-        def recompute_now(rows: Tensor | None = None) -> Tensor:
-            return weights if rows is None else weights[:, :, rows]
-
-    return AttentionCall(
-        kind,
-        (batch, heads, queries, keys),
-        query.dtype,
-        recompute_now,
-        held,
-        terms,
-        values=values,
-        output=kernel_output,
-        grad_note=note,
-    )
+    def __call__(self) -> Tensor:
+        if self.value.size(1) != self.heads:  # grouped-query attention: each head's own values
+            return self.value.repeat_interleave(self.heads // self.value.size(1), dim=1)
+        return self.value
 
 
 def _values_4d(call: _SdpaArgs) -> Tensor:
