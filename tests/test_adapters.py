@@ -179,3 +179,51 @@ def test_a_module_an_adapter_claims_is_not_recorded_again_by_sdpa() -> None:
         model(torch.randn(1, 1, 2, 4))
     assert attn.names == ["inner"] and len(attn.calls("inner")) == 1
     assert torch.equal(attn["inner"], torch.ones(1, 1, 2, 2) / 2)
+
+
+@pytest.mark.parametrize("lazy", [False, True])
+def test_a_call_an_adapter_records_twice_keeps_its_values_for_both(lazy: bool) -> None:
+    """The recorder must not change the call an adapter hands it: an adapter may record one
+    call under two names (or keep it), and each record reads its values for the norms."""
+
+    class Twice(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q, self.o_proj = nn.Linear(8, 8), nn.Linear(8, 8)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.o_proj(torch.softmax(self.q(x) @ x.mT, -1) @ x)
+
+    class RecordsTwice:
+        name, recognises = "twice", ("Twice",)
+
+        def attention_modules(self, model: nn.Module) -> dict[str, nn.Module]:
+            return {"": model}
+
+        def install(self, model, selected, recorder, stack, keep) -> None:  # type: ignore[no-untyped-def]
+            def around(module, args, kwargs, proceed):  # type: ignore[no-untyped-def]
+                out, x = proceed(), args[0]
+                call = attnscope.AttentionCall.of_weights(
+                    "self", torch.softmax(module.q(x) @ x.mT, -1)[:, None]
+                )
+                call.values = lambda: x[:, None]  # one head: the input itself
+                recorder.record("a", call)
+                recorder.record("b", call)
+                return out
+
+            observe(model, around, stack)
+
+    torch.manual_seed(0)
+    model, x = Twice().eval(), torch.randn(2, 3, 8)
+    norms = {"a": "o_proj", "b": "o_proj"}
+    with (
+        torch.no_grad(),
+        attnscope.capture(model, adapters=[RecordsTwice()], lazy=lazy, norms=norms) as attn,
+    ):
+        model(x)
+    weights = torch.softmax(model.q(x) @ x.mT, -1)[:, None]
+    value_norms = (x @ model.o_proj.weight.t()).norm(dim=-1)  # ‖x_j W_Oᵀ‖, (batch, key)
+    by_hand = weights * value_norms[:, None, None, :]  # A_ij ‖f(x_j)‖ (Kobayashi et al.)
+    for name in ("a", "b"):
+        torch.testing.assert_close(attn[name], weights)
+        torch.testing.assert_close(attn.norms(name), by_hand, atol=1e-6, rtol=0)

@@ -25,6 +25,7 @@ returned holds tensors only, never the model.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
@@ -110,8 +111,11 @@ class _Recorder:
             rows = torch.tensor([r % queries for r in self.rows], dtype=torch.long)
             queries = rows.numel()
         if self.keep:
+            # what the weights read, not the values, output and graph that only gradients
+            # and norms read (at record time, below): the adapter's call itself is left whole
+            kept = dataclasses.replace(call, values=None, output=None, grad_of=None)
             weights: Tensor | LazyWeights = LazyWeights(
-                name, call, self.heads, rows, self.to, self.dtype
+                name, kept, self.heads, rows, self.to, self.dtype
             )
             # only a limit reads it, and a lazy call's sum of spans is most of its cost
             estimate = 0 if self.max_bytes is None else weights.nbytes
@@ -140,8 +144,6 @@ class _Recorder:
             self.maps._grads.setdefault(name, []).append(self._slot(name, call, rows))
         if self.norms is not None:
             self.maps._norms.setdefault(name, []).append(self._value_norms(name, call))
-        if self.keep:  # kept lazily: only what the weights need (``held``), not the values
-            call.values = call.output = call.grad_of = None  # and the output beside them
         self.calls += 1
 
     def _slot(self, name: str, call: AttentionCall, rows: Tensor | None) -> GradSlot:
@@ -152,7 +154,6 @@ class _Recorder:
 
         values = None if call.values is None else call.values()
         slot = GradSlot(name, values, call.output, call.grad_of, call.grad_note)
-        call.output = call.grad_of = None  # a lazy capture's call must not keep the graph
         slot.select = select
         self.slots.append(slot)
         return slot

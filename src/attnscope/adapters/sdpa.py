@@ -470,11 +470,12 @@ class _SdpaSession(Session):
             ("cross", "cross", slice(own, None)),
         )
         batch, heads, queries, keys = whole.shape
+        weights = whole.compute  # not the whole call: a lazy part keeps no values, no graph
         for part, kind, columns in parts:
             width = len(range(keys)[columns])
 
             def compute(rows: Tensor | None = None, columns: slice = columns) -> Tensor:
-                return whole.compute(rows)[..., columns]
+                return weights(rows)[..., columns]
 
             shape = (batch, heads, queries, width)
             part_call = AttentionCall(kind, shape, whole.dtype, compute, whole.held)
