@@ -117,7 +117,7 @@ class _Recorder:
             weights: Tensor | LazyWeights = LazyWeights(
                 name, kept, self.heads, rows, self.to, self.dtype
             )
-            # only a limit reads it, and a lazy call's sum of spans is most of its cost
+            # only max_bytes reads it: summing the spans was half a lazy record's time
             estimate = 0 if self.max_bytes is None else weights.nbytes
         else:
             estimate = batch * heads * queries * keys * (self.dtype or call.dtype).itemsize
