@@ -13,18 +13,17 @@ import difflib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from . import edits
 from .adapters import default_adapters
-from .adapters.hf import arguments, head_count, padding_scopes
+from .adapters.hf import PYTORCH_PADDING, given_paddings, head_count, padding_scopes
 from .adapters.sdpa import hold_edits
 from .errors import AttnScopeError
 from .intercept import Proceed, observe
-from .padded_rows import padding_of
 
 HOWS = ("zero", "mean")
+_HF_PADDING = ("attention_mask", "decoder_attention_mask")  # 1 = keep
 
 
 @contextlib.contextmanager
@@ -222,14 +221,11 @@ def _padding_observer(paddings: dict[str, Tensor | None]) -> Any:
     def note(
         module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
-        bound = arguments(type(module).forward, (module, *args), kwargs)
-        now: dict[str, Tensor | None] = {
-            argument: padding_of(bound.get(argument))
-            for argument in ("attention_mask", "decoder_attention_mask")
-        }
-        given = bound.get("src_key_padding_mask", bound.get("key_padding_mask"))
-        if isinstance(given, Tensor) and given.dim() == 2:
-            now[""] = given if given.dtype == torch.bool else given != 0
+        given = given_paddings(module, args, kwargs, (*_HF_PADDING, *PYTORCH_PADDING))
+        now: dict[str, Tensor | None] = {argument: given.get(argument) for argument in _HF_PADDING}
+        pytorch = given.get("src_key_padding_mask", given.get("key_padding_mask"))
+        if pytorch is not None:
+            now[""] = pytorch
         before = dict(paddings)
         paddings.clear()
         paddings.update(now)

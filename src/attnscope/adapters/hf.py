@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from ..padded_rows import padding_of
 
 CROSS_ARGUMENTS = ("key_value_states", "encoder_hidden_states", "cross_attention_states")
 DISPATCH = "ALL_ATTENTION_FUNCTIONS"
@@ -133,6 +135,42 @@ def arguments(
         return dict(signature(function).bind_partial(*args, **kwargs).arguments)
     except TypeError:
         return dict(kwargs)
+
+
+PYTORCH_PADDING = ("src_key_padding_mask", "key_padding_mask")  # True (or nonzero) = padding
+
+
+def given_paddings(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], names: Iterable[str]
+) -> dict[str, Tensor]:
+    """The paddings this call of ``module``'s forward gives under ``names``, by keyword or by
+    position, each (batch, length) bool, True at padding: a Hugging Face style 2-D mask (1 =
+    keep, ``padding_of``), or, under PyTorch's names (``PYTORCH_PADDING``), a key padding
+    mask (True = padding). Names the call leaves out, or gives no 2-D mask, are left out. The
+    one reading of a model's padding arguments: captures and ablations both ask it.
+
+    >>> class Model(nn.Module):
+    ...     def forward(self, input_ids, attention_mask=None, src_key_padding_mask=None):
+    ...         return input_ids
+    >>> given_paddings(Model(), (None, torch.tensor([[1, 0]])), {}, ["attention_mask"])
+    {'attention_mask': tensor([[False,  True]])}
+    >>> pad = {"src_key_padding_mask": torch.tensor([[0.0, 1.0]])}
+    >>> given_paddings(Model(), (None,), pad, PYTORCH_PADDING)
+    {'src_key_padding_mask': tensor([[False,  True]])}
+    """
+    bound = arguments(type(module).forward, (module, *args), kwargs)
+    found: dict[str, Tensor] = {}
+    for name in names:
+        value = bound.get(name)
+        if name not in PYTORCH_PADDING:
+            padding = padding_of(value)
+        elif isinstance(value, Tensor) and value.dim() == 2:
+            padding = value if value.dtype == torch.bool else value != 0
+        else:
+            padding = None
+        if padding is not None:
+            found[name] = padding
+    return found
 
 
 def implementation(module: nn.Module) -> str | None:

@@ -50,7 +50,7 @@ from ..attribution import dropout_note
 from ..calls import hidden_keys, kind_of
 from ..errors import AttnScopeError
 from ..intercept import CallingModules, Proceed, Replacement, enlist, observe
-from ..padded_rows import blank_rows, blank_rows_, padding_of, query_padding
+from ..padded_rows import blank_rows, blank_rows_, query_padding
 from ..recompute import additive_mask, causal_additive_mask, softmax_weights
 from . import hf, softmax
 from .base import AttentionCall, Recorder, Session
@@ -660,12 +660,8 @@ class _SdpaSession(Session):
         self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], proceed: Proceed
     ) -> Any:
         """Note the padding masks the model is called with while it runs."""
-        given = hf.arguments(type(module).forward, (module, *args), kwargs)
-        noted = [
-            (scope, padding)
-            for argument, scope in self.padding_scopes.items()
-            if (padding := padding_of(given.get(argument))) is not None
-        ]
+        given = hf.given_paddings(module, args, kwargs, self.padding_scopes)
+        noted = [(self.padding_scopes[argument], padding) for argument, padding in given.items()]
         self.paddings.extend(noted)
         try:
             return proceed()
