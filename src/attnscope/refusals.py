@@ -25,7 +25,7 @@ def check_capturable(model: nn.Module) -> None:
     ...
     attnscope.errors.AttnScopeError: the model's weight is on the meta device ...
     """
-    for name, module in model.named_modules():
+    for name, module in model.named_modules():  # one walk: a capture's entry pays for it
         where = f"{type(module).__name__} at {name!r}" if name else type(module).__name__
         if _is_compiled(module):
             raise AttnScopeError(
@@ -39,14 +39,15 @@ def check_capturable(model: nn.Module) -> None:
                 f"{where} is a TorchScript module (torch.jit.script / torch.jit.trace), whose "
                 "forward attnscope cannot observe. Capture the Python nn.Module it was made from"
             )
-    for kind, named in (("parameter", model.named_parameters()), ("buffer", model.named_buffers())):
-        for name, tensor in named:
-            if tensor.is_meta:
-                raise AttnScopeError(
-                    f"the model's {name or kind} is on the meta device (shapes only, no "
-                    "values), so nothing can be attended to. Materialise the model first, for "
-                    "example `model.to_empty(device='cpu')` and then load its state_dict"
-                )
+        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
+            for own, tensor in tensors.items():
+                if tensor is not None and tensor.is_meta:
+                    raise AttnScopeError(
+                        f"the model's {f'{name}.{own}' if name else own or kind} is on the meta "
+                        "device (shapes only, no values), so nothing can be attended to. "
+                        "Materialise the model first, for example `model.to_empty(device='cpu')` "
+                        "and then load its state_dict"
+                    )
 
 
 def _is_compiled(module: nn.Module) -> bool:

@@ -208,8 +208,11 @@ class _Scan:
         calls, how = False, None
         for scope, attribute in _references(cls):
             value = scope.get(attribute)
+            calls = calls or attribute == _NAME
+            if value is not self.kernel and not isinstance(value, _HOLDERS):
+                continue  # a class, a module, a constant, a name no global holds (most of them)
             ours = _ours(value, self.kernel)
-            calls = calls or ours or attribute == _NAME
+            calls = calls or ours
             home = _module_of(scope) if ours else None
             mine = None if home is None else _replacements.get(home, {}).get(attribute)
             if home is not None and (value is self.kernel or (mine and value is mine.wrapper)):
