@@ -25,7 +25,8 @@ def check_capturable(model: nn.Module) -> None:
     ...
     attnscope.errors.AttnScopeError: the model's weight is on the meta device ...
     """
-    for name, module in model.named_modules():  # one walk: a capture's entry pays for it
+    modules = list(model.named_modules())  # one walk: a capture's entry pays for it
+    for name, module in modules:
         where = f"{type(module).__name__} at {name!r}" if name else type(module).__name__
         if _is_compiled(module):
             raise AttnScopeError(
@@ -39,14 +40,15 @@ def check_capturable(model: nn.Module) -> None:
                 f"{where} is a TorchScript module (torch.jit.script / torch.jit.trace), whose "
                 "forward attnscope cannot observe. Capture the Python nn.Module it was made from"
             )
-        for kind, tensors in (("parameter", module._parameters), ("buffer", module._buffers)):
-            for own, tensor in tensors.items():
+    for kind in ("_parameters", "_buffers"):  # every parameter first, then every buffer
+        for name, module in modules:
+            for own, tensor in getattr(module, kind).items():
                 if tensor is not None and tensor.is_meta:
                     raise AttnScopeError(
-                        f"the model's {f'{name}.{own}' if name else own or kind} is on the meta "
-                        "device (shapes only, no values), so nothing can be attended to. "
-                        "Materialise the model first, for example `model.to_empty(device='cpu')` "
-                        "and then load its state_dict"
+                        f"the model's {f'{name}.{own}' if name else own} is on the meta device "
+                        "(shapes only, no values), so nothing can be attended to. Materialise "
+                        "the model first, for example `model.to_empty(device='cpu')` and then "
+                        "load its state_dict"
                     )
 
 
