@@ -956,8 +956,9 @@ def main() -> None:
         return
     available = [c for c in CASES if c != "scan" or (HERE / "scan_throughput.py").exists()]
     if args.list:
+        width = max(map(len, available))
         for case in available:
-            print(f"{case:10} {CASES[case]}")
+            print(f"{case:{width}} {CASES[case]}")
         return
     report = load(args.out)
     if args.table:
