@@ -788,15 +788,13 @@ def sdpa_call(
     keys = key.size(-2)
     if packed:
         heads, queries = heads * queries, 1
-    hidden = hidden_keys(mask)
-    if kind is None:
+    if kind is None:  # a module's first call: its mask is read for the kind only then
         causal = call.is_causal or bool(getattr(module, "is_causal", False))
-        kind = kind_of(cross=cross, causal=causal, hidden=hidden)
+        kind = kind_of(cross=cross, causal=causal, hidden=hidden_keys(mask))
     scale = call.scale if call.scale is not None else 1.0 / math.sqrt(dim)
     if kind == "cross" or packed:
         padded_queries = None
-    weights = _SdpaWeights(query, key, mask, packed, scale, call.is_causal, padded_queries)
-    weights.heads = heads
+    weights = _SdpaWeights(query, key, mask, packed, heads, scale, call.is_causal, padded_queries)
     has_values = (not packed and call.value.dim() in (3, 4)) or (packed and output is not None)
     values = _HeadValues(_values_4d(call), heads) if has_values else None
     kernel_output, note = None, None
@@ -848,14 +846,15 @@ class _SdpaWeights:
         key: Tensor,
         mask: Tensor | None,
         packed: bool,
+        heads: int,
         scale: float,
         is_causal: bool,
         padded_queries: Tensor | None,
     ) -> None:
         self.query, self.key, self.mask = query, key, mask  # (batch, heads, ...) each
         self.packed = packed  # one decoding step's query heads in the query axis
+        self.heads = heads  # of the weights: query heads x groups where packed
         self.scale, self.is_causal, self.padded_queries = scale, is_causal, padded_queries
-        self.heads = query.size(1)  # of the weights: query heads x groups where packed
         self.computed: Tensor | None = None  # the weights, where computed at the call
 
     def _expanded_keys(self) -> Tensor:
