@@ -139,6 +139,31 @@ def test_generate_keeps_every_step_and_concat_equals_one_forward(family_name: st
         steps[whole.names[0]]
 
 
+def test_lazy_generate_equals_eager_and_holds_less_than_the_maps() -> None:
+    """Under ``generate``'s KV cache each step's keys are a new, longer tensor: a lazy capture
+    keeps the newest and reads the earlier steps' keys from it: O(L) a layer, less than a full
+    capture's O(L²) maps (it held 8 times as much as them when it kept every step's keys),
+    with the weights eager attention returns."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=99, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(0))
+    options = {"max_new_tokens": 48, "min_new_tokens": 48, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad(), attnscope.capture(model, lazy=True) as lazy:
+        out = model.generate(ids, **options)
+    with torch.no_grad(), attnscope.capture(model) as full:
+        model.generate(ids, **options)
+    assert lazy.nbytes < full.nbytes
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model.generate(ids, **options, output_attentions=True, return_dict_in_generate=True)
+    assert torch.equal(eager.sequences, out)
+    for step, layers in enumerate(eager.attentions):
+        for layer, expected in enumerate(layers):
+            got = lazy.calls(f"transformer.h.{layer}.attn")[step]
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+
+
 class TimmStyleAttention(torch.nn.Module):
     """timm's Attention with fused_attn=True, written out by hand."""
 

@@ -19,11 +19,29 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 KINDS = ("self", "causal", "cross")
+
+Compute = Callable[[Tensor | None], Tensor]  # rows (None: all) -> (batch, heads, query, key)
+Terms = Callable[[], tuple[Tensor, Tensor]]  # -> scaled per-head queries, keys
+
+
+class Reader(Protocol):
+    """What computes one call's weights and terms from the tensors it holds, and gives the
+    same computation from others of the same values (``AttentionCall.reader``)."""
+
+    def compute(self, rows: Tensor | None = None) -> Tensor: ...
+
+    def terms(self) -> tuple[Tensor, Tensor]: ...
+
+    def reading(self, held: tuple[Tensor | None, ...]) -> Reader:
+        """The same computation from ``held`` in place of its own held tensors, one for one,
+        with the same values (a None: not read until given again)."""
+        ...
 
 
 def hidden_keys(mask: Tensor | None) -> Tensor | None:
@@ -88,19 +106,23 @@ class AttentionCall:
     ``output`` is the kernel's per-head output (batch, heads, query, dim), on the autograd
     graph when the forward builds one: what gradients (``∂L/∂A = ∂L/∂O · Vᵀ``) and norms need.
     ``grad_of`` is, where the model formed the weights itself, that tensor on the graph: its
-    gradient is ∂L/∂A.
+    gradient is ∂L/∂A. ``reader``, where the adapter gives one, is what ``compute`` and
+    ``terms`` belong to: ``reader.reading(tensors)`` computes the same from tensors of the same
+    values as ``held`` in other memory, which lets a lazy capture keep one KV cache a layer
+    rather than one per decoding step (``attnscope.lazy``).
     """
 
     kind: str
     shape: tuple[int, int, int, int]
     dtype: torch.dtype
-    compute: Callable[[Tensor | None], Tensor]
+    compute: Compute
     held: tuple[Tensor, ...] = ()
-    terms: Callable[[], tuple[Tensor, Tensor]] | None = None
+    terms: Terms | None = None
     values: Callable[[], Tensor] | None = None
     output: Tensor | None = None
     grad_of: Tensor | None = None
     grad_note: str | None = None  # why this call has no gradient, where it is known
+    reader: Reader | None = None
 
     @classmethod
     def of_weights(cls, kind: str, weights: Tensor) -> AttentionCall:

@@ -47,7 +47,7 @@ from .calls import AttentionCall
 from .errors import AttnScopeError
 from .filters import NamesFilter, filter_names, matcher
 from .intercept import SignalGuard
-from .lazy import LazyWeights, finish
+from .lazy import Grown, LazyWeights, finish
 from .maps import AttentionMaps
 from .refusals import check_capturable
 from .spill import Spill
@@ -90,6 +90,8 @@ class _Recorder:
         self.spill = spill
         self.bytes = 0
         self.calls = 0
+        # per module: its last lazily kept call, and the caches its tensors are read through
+        self.last_lazy: dict[str, tuple[LazyWeights, list[Grown | None]]] = {}
 
     def record(self, name: str, call: AttentionCall) -> None:
         batch, heads, queries, keys = call.shape
@@ -114,11 +116,13 @@ class _Recorder:
             # what the weights read, not the values, output and graph that only gradients
             # and norms read (at record time, below): the adapter's call itself is left whole
             kept = dataclasses.replace(call, values=None, output=None, grad_of=None)
-            weights: Tensor | LazyWeights = LazyWeights(
-                name, kept, self.heads, rows, self.to, self.dtype
-            )
+            lazy = LazyWeights(name, kept, self.heads, rows, self.to, self.dtype)
+            last, grown = self.last_lazy.get(name, (None, []))
+            freed = 0 if last is None else last.follow(lazy, grown)  # a KV cache grew
+            self.last_lazy[name] = (lazy, grown)
+            weights: Tensor | LazyWeights = lazy
             # only max_bytes reads it: summing the spans was half a lazy record's time
-            estimate = 0 if self.max_bytes is None else weights.nbytes
+            estimate = 0 if self.max_bytes is None else weights.nbytes - freed
         else:
             estimate = batch * heads * queries * keys * (self.dtype or call.dtype).itemsize
         if self.max_bytes is not None and self.bytes + estimate > self.max_bytes:

@@ -17,8 +17,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .calls import AttentionCall
+from .calls import AttentionCall, Compute, Terms
 from .errors import AttnScopeError
+
+
+class Grown:
+    """The newest keys of a module whose calls' keys grew step by step (a KV cache): the
+    tensor its earlier calls read their first positions of, and its version counter then."""
+
+    __slots__ = ("tensor", "version")
+
+    tensor: Tensor
+    version: int | None
 
 
 class LazyWeights:
@@ -34,12 +44,15 @@ class LazyWeights:
         dtype: torch.dtype | None,
     ) -> None:
         self.name = name
-        self._call = call
+        self._compute: Compute | None = call.compute  # None: from _reader, once it reads views
+        self._terms, self._reader = call.terms, call.reader
+        self._held: list[Tensor | None] = list(call.held)  # None: read through _links
+        self._versions = [_version(t) for t in call.held]
+        self._links: list[tuple[Grown, int] | None] | None = None  # (cache, positions)
         self._heads = heads
         self._rows = rows
         self._device = device
         self._dtype = dtype
-        self._versions = [_version(t) for t in call.held]
         batch, heads_total, queries, keys = call.shape
         self.shape = torch.Size(
             (
@@ -57,18 +70,20 @@ class LazyWeights:
     def materialize(self) -> Tensor:
         """Compute the weights now (nothing is cached: reading twice computes twice)."""
         self._check_unchanged()
-        return finish(self._call.compute(self._rows), self._heads, self._device, self._dtype)
+        compute, _ = self._computing()
+        return finish(compute(self._rows), self._heads, self._device, self._dtype)
 
     def terms(self) -> tuple[Tensor, Tensor]:
         """The scaled per-head queries (of the captured rows) and keys the weights come from:
         (batch, heads, query, dim) and (batch, heads, key, dim) (``AttentionCall.terms``)."""
-        if self._call.terms is None:
+        _, terms = self._computing()
+        if terms is None:
             raise AttnScopeError(
                 f"{self.name}: its adapter does not give this call's queries and keys (only "
                 "its weights); queries_keys() works for sdpa and torch.nn attention"
             )
         self._check_unchanged()
-        q, k = self._call.terms()
+        q, k = terms()
         if self._rows is not None:
             q = q[:, :, self._rows]
         return (
@@ -76,14 +91,73 @@ class LazyWeights:
             finish(k, self._heads, self._device, self._dtype),
         )
 
+    def follow(self, later: LazyWeights, grown: list[Grown | None]) -> int:
+        """Read views of ``later``'s tensors (this module's next call) where they begin with
+        this call's own (a KV cache one step longer), and let this call's go; returns their
+        bytes. ``grown`` holds, per held tensor, the cache earlier calls read this call's
+        tensor through (None: none do); it then holds ``later``'s, so that a generation's
+        calls all read the newest cache. A tensor changed in place since its call is not
+        shared (reading it must still raise)."""
+        ours, theirs = self._held, later._held
+        shares = self._reader is not None and len(ours) == len(theirs)
+        freed, caches = 0, list(grown) + [None] * (len(theirs) - len(grown))
+        for i, new in enumerate(theirs):
+            old = ours[i] if shares and i < len(ours) else None
+            cache, caches[i] = caches[i], None
+            if old is None or new is None or _version(old) != self._versions[i]:
+                continue
+            if _prefix_of(new, old) is None:
+                continue
+            if cache is None or cache.tensor is not old:
+                cache = Grown()
+            cache.tensor, cache.version = new, _version(new)
+            self._read_through(i, cache, old.size(-2))
+            freed += _span_bytes(old)
+            caches[i] = cache
+        grown[:] = caches[: len(theirs)]
+        return freed
+
+    def _read_through(self, index: int, cache: Grown, positions: int) -> None:
+        """Read held tensor ``index`` as the first ``positions`` of ``cache``'s tensor."""
+        assert self._reader is not None
+        if self._links is None:
+            self._links = [None] * len(self._held)
+        self._links[index] = (cache, positions)
+        self._held[index] = None
+        # nothing of this call may hold the old tensor: its compute and terms go with it
+        self._reader = self._reader.reading(tuple(self._held))
+        self._compute = self._terms = None
+
+    def _current(self) -> tuple[Tensor, ...]:
+        """The tensors this call reads now: its own, and views of the caches it reads."""
+        if self._links is None:
+            return tuple(self._held)  # type: ignore[arg-type]  # no None without links
+        return tuple(
+            own if link is None else link[0].tensor.narrow(-2, 0, link[1])  # type: ignore[misc]
+            for own, link in zip(self._held, self._links, strict=True)
+        )
+
+    def _computing(self) -> tuple[Compute, Terms | None]:
+        if self._compute is not None:
+            return self._compute, self._terms
+        assert self._reader is not None
+        reader = self._reader.reading(self._current())
+        return reader.compute, reader.terms
+
     def _check_unchanged(self) -> None:
-        for tensor, version in zip(self._call.held, self._versions, strict=True):
-            if _version(tensor) != version:
-                raise AttnScopeError(
-                    f"{self.name}: a tensor this lazy capture holds was changed in place after "
-                    "the forward (e.g. a static KV cache), so its weights can no longer be "
-                    "computed exactly; capture with lazy=False"
-                )
+        changed = any(
+            t is not None and _version(t) != version
+            for t, version in zip(self._held, self._versions, strict=True)
+        ) or any(
+            link is not None and _version(link[0].tensor) != link[0].version
+            for link in self._links or ()
+        )
+        if changed:
+            raise AttnScopeError(
+                f"{self.name}: a tensor this lazy capture holds was changed in place after "
+                "the forward (e.g. a static KV cache), so its weights can no longer be "
+                "computed exactly; capture with lazy=False"
+            )
 
     @property
     def nbytes(self) -> int:
@@ -95,7 +169,7 @@ class LazyWeights:
         one buffer (q and k cut from a packed projection, a mask several calls hold) overlap
         there, and ``union_bytes`` counts their memory once."""
         ranges = set()
-        for t in self._call.held:
+        for t in self._current():
             if t.numel() == 0:
                 continue
             storage = t.untyped_storage().data_ptr()
@@ -127,6 +201,31 @@ def _version(t: Tensor) -> int | None:
     """``t``'s version counter; None for an inference tensor, which has none (and can only be
     changed inside ``torch.inference_mode``)."""
     return None if t.is_inference() else t._version
+
+
+def _prefix_of(longer: Tensor, shorter: Tensor) -> Tensor | None:
+    """The first positions of ``longer`` (along dim -2, where a KV cache grows), where
+    ``longer`` has more and they equal ``shorter`` bit for bit; else None.
+
+    >>> cache = torch.arange(6.0).reshape(1, 3, 2)
+    >>> _prefix_of(cache, cache[:, :2].clone())
+    tensor([[[0., 1.],
+             [2., 3.]]])
+    >>> _prefix_of(cache, torch.zeros(1, 2, 2)) is None
+    True
+    """
+    if (
+        longer.dim() != shorter.dim()
+        or longer.dim() < 2
+        or longer.size(-2) <= shorter.size(-2)
+        or longer.shape[:-2] != shorter.shape[:-2]
+        or longer.size(-1) != shorter.size(-1)
+        or longer.dtype != shorter.dtype
+        or longer.device != shorter.device
+    ):
+        return None
+    prefix = longer.narrow(-2, 0, shorter.size(-2))
+    return prefix if torch.equal(prefix, shorter) else None
 
 
 def _span_bytes(t: Tensor) -> int:

@@ -30,6 +30,7 @@ remains) and the observed modules' ``forward`` attributes.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import math
@@ -817,6 +818,7 @@ def sdpa_call(
         values=values,
         output=kernel_output,
         grad_note=note,
+        reader=weights,
     )
 
 
@@ -856,6 +858,14 @@ class _SdpaWeights:
         self.heads = heads  # of the weights: query heads x groups where packed
         self.scale, self.is_causal, self.padded_queries = scale, is_causal, padded_queries
         self.computed: Tensor | None = None  # the weights, where computed at the call
+
+    def reading(self, held: tuple[Tensor | None, ...]) -> _SdpaWeights:
+        """The same weights from ``held``: query, key and, where the call has one, the mask
+        (its ``AttentionCall.held``), of the same values as this call's (``calls.Reader``)."""
+        other = copy.copy(self)
+        other.query, other.key = held[0], held[1]  # type: ignore[assignment]
+        other.mask = held[2] if len(held) > 2 else None
+        return other
 
     def _expanded_keys(self) -> Tensor:
         query, key = self.query, self.key
