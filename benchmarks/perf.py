@@ -46,6 +46,9 @@ from 1.42x to 1.95x and lazy's from 1.03x to 1.08x of plain (hfbert-b8, 6 rounds
                  it (what ``adapters/torch_native.py``'s composition buys; the lazy one only
                  where its q/k route applies, nnbert-b1). Checked before timing: outputs
                  identical, the pass-through called once a layer, weights within 1e-5
+  lazy-unshared  generate: ``LazyWeights.follow`` a no-op, so each decoding step keeps its own
+                 keys instead of reading the newest KV cache's first positions (what
+                 ``attnscope.lazy``'s sharing buys: memory, mostly; its compare costs time)
 
 Timing: interleaved rounds in one process after a warm-up round, each round's order rotated
 one step (and reversed every other cycle, so no variant always follows the same one); at
@@ -57,7 +60,8 @@ over rounds of variant / plain in the same round) with its 25th-75th percentile;
 (min over min: the figure least disturbed by neighbours).
 Verdict of an ablation, from its per-round ratios to the variant it ablates: "pays" when the
 25th percentile exceeds 1 + noise (noise: plain-again's largest distance from 1 among its
-25th and 75th percentiles), "costs" when the 75th is below 1 - noise, else "within noise".
+25th and 75th percentiles), "costs" when the 75th is below 1 - noise, else "within noise";
+and "pays in memory" where the ablation holds more than a tenth more (``attn.nbytes``).
 Memory (unless ``--no-memory``): per variant a fresh process that builds only what the
 variant needs and runs it twice: its peak RSS (VmHWM), on a GPU also
 ``torch.cuda.max_memory_allocated``; with the bytes a full capture holds (``attn.nbytes``)
@@ -102,6 +106,7 @@ from torch import Tensor, nn
 
 import attnscope
 from attnscope import pool
+from attnscope.lazy import LazyWeights
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "perf.json"
@@ -128,7 +133,7 @@ CASES = {
     "scan": "benchmarks/scan_throughput.py's run (when the file exists)",
 }
 HF_CASES = ("hfbert-b1", "hfbert-b8", "gpt2-b1", "gpt2-b8")  # the ones --lengths applies to
-ABLATIONS = ("full-nopool", "lazy-nopool", "full-recompute", "lazy-recompute")
+ABLATIONS = ("full-nopool", "lazy-nopool", "full-recompute", "lazy-recompute", "lazy-unshared")
 
 
 @dataclass
@@ -195,6 +200,22 @@ def pool_set_aside() -> Iterator[None]:
             pool._order.clear()
             pool._order.extend(saved[1])
             pool._free_total, pool.LIMIT = total, limit
+
+
+@contextlib.contextmanager
+def keys_unshared() -> Iterator[None]:
+    """Each lazily kept call holds its own tensors: no call reads a later one's KV cache."""
+    follow = LazyWeights.follow
+
+    def unshared(self: LazyWeights, later: LazyWeights, grown: list, count: bool = False) -> int:
+        grown[:] = []
+        return 0
+
+    LazyWeights.follow = unshared  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        LazyWeights.follow = follow  # type: ignore[method-assign]
 
 
 @contextlib.contextmanager
@@ -459,6 +480,9 @@ def _generate_case(width: int = 768) -> Case:
                 _captured(model, plain, include="transformer.h.11.attn", rows=[-1])
             ),
             "eager": Variant(eager_weights),
+            "lazy-unshared": Variant(
+                _captured(model, plain, lazy=True), around=keys_unshared, against="lazy"
+            ),
         }
     )
 
@@ -605,8 +629,17 @@ def summarise(
             elif vs["p75"] < 1 - band:
                 verdict = "costs"
             rows[name]["vs"] = {"against": against, **vs, "noise": round(band, 3)}
-            rows[name]["verdict"] = verdict
+            rows[name]["verdict"] = verdict + _held_verdict(rows[name], rows[against])
     return rows
+
+
+def _held_verdict(ablation: dict[str, Any], against: dict[str, Any]) -> str:
+    """Memory machinery pays in what a capture holds: where the ablation holds more than a
+    tenth more (``attn.nbytes``), say how much."""
+    more, less = ablation.get("held_mb"), against.get("held_mb")
+    if more is None or less is None or more <= 1.1 * less:
+        return ""
+    return f"; holds {more:,.1f} MB against {less:,.1f} (pays in memory)"
 
 
 # -- memory -------------------------------------------------------------------------------

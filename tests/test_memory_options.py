@@ -510,6 +510,21 @@ def test_lazy_generation_holds_one_key_cache_not_one_per_step() -> None:
         lazy.calls("")[1]
 
 
+
+def test_lazy_generation_under_inference_mode_shares_its_copies_of_the_cache() -> None:
+    """Under ``inference_mode`` a held tensor has no version counter, so the capture keeps
+    copies of the keys: the newest copy is kept, and read for every step."""
+    torch.manual_seed(0)
+    model = _GrowingCache(8, 2).eval()
+    with torch.inference_mode(), attnscope.capture(model, lazy=True) as lazy:
+        inputs = _decode(model, steps=6)
+    assert lazy.nbytes <= (10 + 10) * 8 * 4  # one copy of the newest keys, the queries
+    with torch.inference_mode():
+        expected = _by_hand(model, inputs)
+    for got, reference in zip(lazy.calls(""), expected, strict=True):
+        torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+
+
 def test_lazy_generation_shares_nothing_with_a_cache_reordered_between_steps() -> None:
     """Beam search reorders the cached batch between steps: the new keys no longer begin with
     the old ones, so each step keeps its own, and the weights stay exact."""

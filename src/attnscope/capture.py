@@ -118,7 +118,8 @@ class _Recorder:
             kept = dataclasses.replace(call, values=None, output=None, grad_of=None)
             lazy = LazyWeights(name, kept, self.heads, rows, self.to, self.dtype)
             last, grown = self.last_lazy.get(name, (None, []))
-            freed = 0 if last is None else last.follow(lazy, grown)  # a KV cache grew
+            counting = self.max_bytes is not None
+            freed = 0 if last is None else last.follow(lazy, grown, counting)  # a KV cache grew
             self.last_lazy[name] = (lazy, grown)
             weights: Tensor | LazyWeights = lazy
             # only max_bytes reads it: summing the spans was half a lazy record's time

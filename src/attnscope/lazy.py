@@ -91,42 +91,38 @@ class LazyWeights:
             finish(k, self._heads, self._device, self._dtype),
         )
 
-    def follow(self, later: LazyWeights, grown: list[Grown | None]) -> int:
+    def follow(self, later: LazyWeights, grown: list[Grown | None], count: bool = False) -> int:
         """Read views of ``later``'s tensors (this module's next call) where they begin with
         this call's own (a KV cache one step longer), and let this call's go; returns their
-        bytes. ``grown`` holds, per held tensor, the cache earlier calls read this call's
-        tensor through (None: none do); it then holds ``later``'s, so that a generation's
-        calls all read the newest cache. A tensor changed in place since its call is not
-        shared (reading it must still raise)."""
+        bytes where ``count``. ``grown`` holds, per held tensor, the cache earlier calls read
+        this call's tensor through (None: none do); it then holds ``later``'s, so that a
+        generation's calls all read the newest cache. A tensor changed in place since its
+        call is not shared (reading it must still raise)."""
         ours, theirs = self._held, later._held
-        shares = self._reader is not None and len(ours) == len(theirs)
-        freed, caches = 0, list(grown) + [None] * (len(theirs) - len(grown))
-        for i, new in enumerate(theirs):
-            old = ours[i] if shares and i < len(ours) else None
-            cache, caches[i] = caches[i], None
-            if old is None or new is None or _version(old) != self._versions[i]:
-                continue
-            if _prefix_of(new, old) is None:
-                continue
-            if cache is None or cache.tensor is not old:
-                cache = Grown()
-            cache.tensor, cache.version = new, _version(new)
-            self._read_through(i, cache, old.size(-2))
-            freed += _span_bytes(old)
-            caches[i] = cache
-        grown[:] = caches[: len(theirs)]
+        caches: list[Grown | None] = [None] * len(theirs)
+        freed, shared = 0, False
+        if self._reader is not None and len(ours) == len(theirs):
+            for i, (old, new) in enumerate(zip(ours, theirs, strict=True)):
+                if old is None or new is None or _prefix_of(new, old) is None:
+                    continue
+                if _version(old) != self._versions[i]:
+                    continue
+                cache = grown[i] if i < len(grown) else None
+                if cache is None or cache.tensor is not old:
+                    cache = Grown()
+                cache.tensor, cache.version = new, _version(new)
+                if self._links is None:
+                    self._links = [None] * len(ours)
+                self._links[i] = (cache, old.size(-2))
+                ours[i] = None
+                freed += _span_bytes(old) if count else 0
+                caches[i], shared = cache, True
+        if shared:  # nothing of this call may hold the old tensors: compute and terms go too
+            assert self._reader is not None
+            self._reader = self._reader.reading(tuple(ours))
+            self._compute = self._terms = None
+        grown[:] = caches
         return freed
-
-    def _read_through(self, index: int, cache: Grown, positions: int) -> None:
-        """Read held tensor ``index`` as the first ``positions`` of ``cache``'s tensor."""
-        assert self._reader is not None
-        if self._links is None:
-            self._links = [None] * len(self._held)
-        self._links[index] = (cache, positions)
-        self._held[index] = None
-        # nothing of this call may hold the old tensor: its compute and terms go with it
-        self._reader = self._reader.reading(tuple(self._held))
-        self._compute = self._terms = None
 
     def _current(self) -> tuple[Tensor, ...]:
         """The tensors this call reads now: its own, and views of the caches it reads."""
@@ -217,7 +213,7 @@ def _prefix_of(longer: Tensor, shorter: Tensor) -> Tensor | None:
     if (
         longer.dim() != shorter.dim()
         or longer.dim() < 2
-        or longer.size(-2) <= shorter.size(-2)
+        or longer.size(-2) <= shorter.size(-2)  # first: a query, or keys that did not grow
         or longer.shape[:-2] != shorter.shape[:-2]
         or longer.size(-1) != shorter.size(-1)
         or longer.dtype != shorter.dtype

@@ -30,7 +30,6 @@ remains) and the observed modules' ``forward`` attributes.
 
 from __future__ import annotations
 
-import copy
 import functools
 import inspect
 import math
@@ -862,9 +861,17 @@ class _SdpaWeights:
     def reading(self, held: tuple[Tensor | None, ...]) -> _SdpaWeights:
         """The same weights from ``held``: query, key and, where the call has one, the mask
         (its ``AttentionCall.held``), of the same values as this call's (``calls.Reader``)."""
-        other = copy.copy(self)
-        other.query, other.key = held[0], held[1]  # type: ignore[assignment]
-        other.mask = held[2] if len(held) > 2 else None
+        other = _SdpaWeights(
+            held[0],  # type: ignore[arg-type]  # None: given again before it is read
+            held[1],  # type: ignore[arg-type]
+            held[2] if len(held) > 2 else None,
+            self.packed,
+            self.heads,
+            self.scale,
+            self.is_causal,
+            self.padded_queries,
+        )
+        other.computed = self.computed
         return other
 
     def _expanded_keys(self) -> Tensor:
