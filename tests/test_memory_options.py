@@ -14,7 +14,7 @@ import torch.nn.functional as F  # noqa: N812
 from torch import nn
 
 import attnscope
-from attnscope import AttnScopeError
+from attnscope import AttnScopeError, pool
 from models import MODES, encoder, mode, padding, sequence, transformer
 
 
@@ -510,19 +510,66 @@ def test_lazy_generation_holds_one_key_cache_not_one_per_step() -> None:
         lazy.calls("")[1]
 
 
-
-def test_lazy_generation_under_inference_mode_shares_its_copies_of_the_cache() -> None:
+def test_lazy_generation_under_inference_mode_shares_its_copies_of_the_cache(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Under ``inference_mode`` a held tensor has no version counter, so the capture keeps
-    copies of the keys: the newest copy is kept, and read for every step."""
+    copies of the keys (pooled: ``SMALL`` lowered so these are): only the newest copy stays,
+    read for every step. A step's key copy once shared one block with its query copy, which
+    kept every step's keys in memory while ``nbytes`` counted one cache."""
+    monkeypatch.setattr(pool, "SMALL", 0)
     torch.manual_seed(0)
     model = _GrowingCache(8, 2).eval()
     with torch.inference_mode(), attnscope.capture(model, lazy=True) as lazy:
         inputs = _decode(model, steps=6)
-    assert lazy.nbytes <= (10 + 10) * 8 * 4  # one copy of the newest keys, the queries
+    assert lazy.nbytes == (10 + 10) * 8 * 4  # one copy of the newest keys, the queries
     with torch.inference_mode():
         expected = _by_hand(model, inputs)
     for got, reference in zip(lazy.calls(""), expected, strict=True):
         torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+    gc.collect()
+    free = pool.free_bytes()
+    del lazy, got
+    gc.collect()
+    held = pool.free_bytes() - free  # the blocks the capture held, back in the pool now
+    assert 0 < held <= (10 + 10) * 8 * 4 + 7 * pool.ALIGN  # every step's keys: 1568 more
+
+
+class _PackedCache(_GrowingCache):
+    """``_GrowingCache`` with q, k and v cut from one packed projection (GPT-2's layout): the
+    prompt's keys are a view of the buffer its queries also read."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__(width, heads)
+        self.qkv = nn.Linear(width, 3 * width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = (self.split(t) for t in self.qkv(x).split(x.size(-1), -1))
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=-2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=-2)
+        return F.scaled_dot_product_attention(q, self.keys, self.values, is_causal=x.size(1) > 1)
+
+
+def test_lazy_generation_max_bytes_counts_what_is_still_held() -> None:
+    """Letting the prompt's keys go frees nothing while its queries read the same buffer:
+    ``max_bytes`` counts what the capture holds (here exactly ``nbytes``), never less."""
+    torch.manual_seed(0)
+    model = _PackedCache(64, 4).eval()
+    inputs = [torch.randn(1, 32, 64)] + [torch.randn(1, 1, 64) for _ in range(4)]
+
+    def run(**options: int) -> attnscope.AttentionMaps:
+        model.keys = model.values = None
+        with torch.no_grad(), attnscope.capture(model, lazy=True, **options) as lazy:
+            for x in inputs:
+                model(x)
+        return lazy
+
+    held = run().nbytes
+    assert run(max_bytes=held).nbytes == held
+    prompt = 32 * 3 * 64 * 4  # the prompt call holds about its packed buffer
+    assert prompt < held * 3 // 4
+    with pytest.raises(AttnScopeError, match="capture refused before allocating"):
+        run(max_bytes=held * 3 // 4)  # it counted 10,496 when it took the span as let go
 
 
 def test_lazy_generation_shares_nothing_with_a_cache_reordered_between_steps() -> None:

@@ -10,6 +10,19 @@ tensor held as the model gave it (the q and k reaching ``scaled_dot_product_atte
 is later changed in place (a static KV cache, say) would give other weights, so each held
 tensor keeps its version counter and a change raises instead (an inference tensor has none: it
 can only be changed inside ``torch.inference_mode``).
+
+In generation with a KV cache each decoding step's keys are a new tensor, the cache so far plus
+one position (transformers' ``DynamicCache`` concatenates), so keeping every step's keys held
+O(L²) a layer, more than a full capture's maps (GPT-2 small, 128 new tokens: 364 MB against
+6 MB). So where a module's next call holds a tensor whose first positions along dim -2 equal
+(``torch.equal``) one its last call holds, the last call reads a view of the new one and lets
+its own go (``LazyWeights.follow``); the calls before it read the same view through one
+``Grown`` holder, which each step points at the newest tensor, so a step costs one compare and
+no walk over the earlier calls. A cache reordered between steps (beam search) or changed in
+place shares nothing, and the newest cache changed in place after the capture raises for
+every call that reads it. Masks, which grow along the keys' axis (and, with position biases
+as T5's, carry a row per query), are kept per call. Adapters take part by giving their calls
+a ``reader`` (``calls.Reader``); sdpa's do.
 """
 
 from __future__ import annotations
@@ -27,8 +40,8 @@ class Grown:
 
     __slots__ = ("tensor", "version")
 
-    tensor: Tensor
-    version: int | None
+    def __init__(self, tensor: Tensor) -> None:
+        self.tensor, self.version = tensor, _version(tensor)
 
 
 class LazyWeights:
@@ -93,36 +106,44 @@ class LazyWeights:
 
     def follow(self, later: LazyWeights, grown: list[Grown | None], count: bool = False) -> int:
         """Read views of ``later``'s tensors (this module's next call) where they begin with
-        this call's own (a KV cache one step longer), and let this call's go; returns their
-        bytes where ``count``. ``grown`` holds, per held tensor, the cache earlier calls read
-        this call's tensor through (None: none do); it then holds ``later``'s, so that a
-        generation's calls all read the newest cache. A tensor changed in place since its
-        call is not shared (reading it must still raise)."""
+        this call's own (a KV cache one step longer), and let this call's go; returns the
+        bytes of its own it no longer holds where ``count``. ``grown`` holds, per held
+        tensor, the cache earlier calls read this call's tensor through (None: none do); it
+        then holds ``later``'s, so that a generation's calls all read the newest cache. A
+        tensor changed in place since its call is not shared (reading it must still raise)."""
         ours, theirs = self._held, later._held
         caches: list[Grown | None] = [None] * len(theirs)
-        freed, shared = 0, False
+        before = self._own_bytes() if count else 0
+        shared = False
         if self._reader is not None and len(ours) == len(theirs):
             for i, (old, new) in enumerate(zip(ours, theirs, strict=True)):
-                if old is None or new is None or _prefix_of(new, old) is None:
+                if old is None or new is None or _version(old) != self._versions[i]:
                     continue
-                if _version(old) != self._versions[i]:
+                if _prefix_of(new, old) is None:
                     continue
+                # earlier calls read this call's tensor through grown[i], where they do
                 cache = grown[i] if i < len(grown) else None
-                if cache is None or cache.tensor is not old:
-                    cache = Grown()
+                if cache is None:
+                    cache = Grown(new)
                 cache.tensor, cache.version = new, _version(new)
                 if self._links is None:
                     self._links = [None] * len(ours)
                 self._links[i] = (cache, old.size(-2))
                 ours[i] = None
-                freed += _span_bytes(old) if count else 0
                 caches[i], shared = cache, True
-        if shared:  # nothing of this call may hold the old tensors: compute and terms go too
-            assert self._reader is not None
-            self._reader = self._reader.reading(tuple(ours))
-            self._compute = self._terms = None
         grown[:] = caches
-        return freed
+        if not shared:
+            return 0
+        # nothing of this call may hold the old tensors: its compute and terms go with them
+        assert self._reader is not None
+        self._reader = self._reader.reading(tuple(ours))
+        self._compute = self._terms = None
+        return before - self._own_bytes() if count else 0
+
+    def _own_bytes(self) -> int:
+        """Bytes of the tensors this call holds itself (not those it reads through a cache,
+        which the cache's newest call counts): views of one buffer counted once."""
+        return union_bytes({r for t in self._held if t is not None for r in _ranges(t)})
 
     def _current(self) -> tuple[Tensor, ...]:
         """The tensors this call reads now: its own, and views of the caches it reads."""
@@ -164,14 +185,7 @@ class LazyWeights:
         """The byte ranges the held tensors reach, as (storage address, start, end): views of
         one buffer (q and k cut from a packed projection, a mask several calls hold) overlap
         there, and ``union_bytes`` counts their memory once."""
-        ranges = set()
-        for t in self._current():
-            if t.numel() == 0:
-                continue
-            storage = t.untyped_storage().data_ptr()
-            start = t.data_ptr() - storage
-            ranges.add((storage, start, start + _span_bytes(t)))
-        return ranges
+        return {r for t in self._current() for r in _ranges(t)}
 
 
 def union_bytes(ranges: set[tuple[int, int, int]]) -> int:
@@ -201,7 +215,8 @@ def _version(t: Tensor) -> int | None:
 
 def _prefix_of(longer: Tensor, shorter: Tensor) -> Tensor | None:
     """The first positions of ``longer`` (along dim -2, where a KV cache grows), where
-    ``longer`` has more and they equal ``shorter`` bit for bit; else None.
+    ``longer`` has more and they equal ``shorter`` (``torch.equal``, to which 0.0 and -0.0 are
+    equal: the weights are the same either way); else None.
 
     >>> cache = torch.arange(6.0).reshape(1, 3, 2)
     >>> _prefix_of(cache, cache[:, :2].clone())
@@ -222,6 +237,15 @@ def _prefix_of(longer: Tensor, shorter: Tensor) -> Tensor | None:
         return None
     prefix = longer.narrow(-2, 0, shorter.size(-2))
     return prefix if torch.equal(prefix, shorter) else None
+
+
+def _ranges(t: Tensor) -> set[tuple[int, int, int]]:
+    """The byte range ``t`` reaches in its storage, as (storage address, start, end)."""
+    if t.numel() == 0:
+        return set()
+    storage = t.untyped_storage().data_ptr()
+    start = t.data_ptr() - storage
+    return {(storage, start, start + _span_bytes(t))}
 
 
 def _span_bytes(t: Tensor) -> int:

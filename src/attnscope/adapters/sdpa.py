@@ -151,12 +151,15 @@ class _SdpaArgs:
         which keep no version counter, so a later in-place write (a static KV cache under
         ``inference_mode``) could not be caught; other tensors are held as given, guarded by
         theirs (``LazyWeights``)."""
-        tensors = [self.query, self.key] + ([] if self.attn_mask is None else [self.attn_mask])
-        if not any(t.is_inference() for t in tensors):
+        others = [self.query] + ([] if self.attn_mask is None else [self.attn_mask])
+        if not any(t.is_inference() for t in (self.key, *others)):
             return
-        copies = pool.copies(*tensors)
-        self.query, self.key = copies[:2]
-        self.attn_mask = copies[2] if len(copies) == 3 else None
+        # the key in a block of its own: a generation's lazy capture lets each step's go once
+        # the next step's begins with it (``LazyWeights.follow``), the query and mask stay
+        (self.key,) = pool.copies(self.key)
+        copies = pool.copies(*others)
+        self.query = copies[0]
+        self.attn_mask = copies[1] if len(copies) == 2 else None
 
 
 # -- the function patch, shared by every active capture --------------------------------------
