@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import os
 import weakref
@@ -508,6 +509,30 @@ def test_lazy_generation_holds_one_key_cache_not_one_per_step() -> None:
     model.keys.add_(1.0)  # the newest cache, read by every step, written after the capture
     with pytest.raises(AttnScopeError, match=r"changed in place.*lazy=False"):
         lazy.calls("")[1]
+
+
+def test_a_deep_copy_of_a_lazy_capture_reads_its_own_copies() -> None:
+    """``copy.deepcopy`` copies the held tensors, whose version counters start anew: the copy
+    reads the same weights, keeps reading them after the original's cache is changed in
+    place, and still refuses a tensor changed before it was copied."""
+    torch.manual_seed(0)
+    model = _GrowingCache(8, 2).eval()
+    with torch.no_grad(), attnscope.capture(model, lazy=True) as lazy:
+        _decode(model, steps=4)
+    assert model.keys is not None
+    model.keys.add_(0.0)  # a version bump: every call reads the newest cache
+    with pytest.raises(AttnScopeError, match="changed in place"):
+        copy.deepcopy(lazy).calls("")[0]
+    model.keys = model.values = None
+    with torch.no_grad(), attnscope.capture(model, lazy=True) as lazy:
+        inputs = _decode(model, steps=4)
+    copied = copy.deepcopy(lazy)
+    assert model.keys is not None
+    model.keys.add_(1.0)
+    for got, reference in zip(copied.calls(""), _by_hand(model, inputs), strict=True):
+        torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
+    with pytest.raises(AttnScopeError, match="changed in place"):
+        lazy.calls("")
 
 
 def test_lazy_generation_under_inference_mode_shares_its_copies_of_the_cache(
