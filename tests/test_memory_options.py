@@ -511,28 +511,36 @@ def test_lazy_generation_holds_one_key_cache_not_one_per_step() -> None:
         lazy.calls("")[1]
 
 
-def test_a_deep_copy_of_a_lazy_capture_reads_its_own_copies() -> None:
-    """``copy.deepcopy`` copies the held tensors, whose version counters start anew: the copy
-    reads the same weights, keeps reading them after the original's cache is changed in
-    place, and still refuses a tensor changed before it was copied."""
+def test_a_deep_copy_of_a_lazy_capture_reads_and_guards_the_same_tensors() -> None:
+    """``copy.deepcopy`` of a lazy capture reads the tensors the original holds: copies of
+    them would start new version counters (a copy read nothing at all: each raised "changed
+    in place"), and an adapter's closure (the fused encoder's here) would still read the
+    originals, unguarded. So the copy's weights are the original's, and a change to what
+    they hold refuses in both, never silently other weights."""
     torch.manual_seed(0)
     model = _GrowingCache(8, 2).eval()
     with torch.no_grad(), attnscope.capture(model, lazy=True) as lazy:
-        _decode(model, steps=4)
-    assert model.keys is not None
-    model.keys.add_(0.0)  # a version bump: every call reads the newest cache
-    with pytest.raises(AttnScopeError, match="changed in place"):
-        copy.deepcopy(lazy).calls("")[0]
-    model.keys = model.values = None
-    with torch.no_grad(), attnscope.capture(model, lazy=True) as lazy:
         inputs = _decode(model, steps=4)
     copied = copy.deepcopy(lazy)
-    assert model.keys is not None
-    model.keys.add_(1.0)
     for got, reference in zip(copied.calls(""), _by_hand(model, inputs), strict=True):
         torch.testing.assert_close(got, reference, atol=1e-6, rtol=0)
-    with pytest.raises(AttnScopeError, match="changed in place"):
-        lazy.calls("")
+    assert copied.nbytes == lazy.nbytes
+    layers = encoder().eval()
+    x = sequence(2, 7)
+    with torch.no_grad(), attnscope.capture(layers, lazy=True) as native:
+        layers(x)
+    twin = copy.deepcopy(native)
+    for name in native.names:
+        assert torch.equal(twin[name], native[name])
+    assert model.keys is not None
+    model.keys.add_(1.0)  # the newest cache, which every call reads
+    native.queries_keys(native.names[0])[0].add_(1.0)  # the copy of q the capture made
+    for maps in (lazy, copied):
+        with pytest.raises(AttnScopeError, match="changed in place"):
+            maps.calls("")
+    for maps in (native, twin):
+        with pytest.raises(AttnScopeError, match="changed in place"):
+            maps[native.names[0]]
 
 
 def test_lazy_generation_under_inference_mode_shares_its_copies_of_the_cache(

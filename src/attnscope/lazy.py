@@ -84,21 +84,16 @@ class LazyWeights:
         return 4
 
     def __deepcopy__(self, memo: dict[int, Any]) -> LazyWeights:
-        """A copy holding copies of the tensors, guarded from there on by the copies' own
-        version counters (a copy's starts anew); one changed in place before the copy stays
-        refused in it."""
+        """A copy that reads the same held tensors, guarded the same way: a change to them
+        refuses in both. Copying them would not keep that guard: a copied tensor's version
+        counter starts anew, a copied view's apart from its copied base (a change through
+        the base would go unseen), and an adapter's closure would still read the originals.
+        What is held is the model's tensors or the capture's own copies, never changed by
+        attnscope, so sharing them costs nothing."""
         other = copy.copy(self)
         memo[id(self)] = other
-        for name, value in vars(self).items():
-            setattr(other, name, copy.deepcopy(value, memo))
-        other._versions = [
-            _copied_version(theirs, ours, version)
-            for theirs, ours, version in zip(other._held, self._held, self._versions, strict=True)
-        ]
-        for theirs, ours in zip(other._links or (), self._links or (), strict=True):
-            if theirs is not None and ours is not None:  # a holder many calls share: the same
-                cache = ours[0]
-                theirs[0].version = _copied_version(theirs[0].tensor, cache.tensor, cache.version)
+        other._held, other._versions = list(self._held), list(self._versions)
+        other._links = None if self._links is None else list(self._links)
         return other
 
     def materialize(self) -> Tensor:
@@ -232,19 +227,6 @@ def _version(t: Tensor) -> int | None:
     """``t``'s version counter; None for an inference tensor, which has none (and can only be
     changed inside ``torch.inference_mode``)."""
     return None if t.is_inference() else t._version
-
-
-_CHANGED = -1  # a version no tensor has: reading raises
-
-
-def _copied_version(
-    copied: Tensor | None, original: Tensor | None, version: int | None
-) -> int | None:
-    """The version a copy of ``original`` is to be guarded by: the copy's own where the
-    original was unchanged since its call, else one that always refuses."""
-    if copied is None or original is None:
-        return version
-    return _version(copied) if _version(original) == version else _CHANGED
 
 
 def _prefix_of(longer: Tensor, shorter: Tensor) -> Tensor | None:
