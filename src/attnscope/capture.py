@@ -123,7 +123,7 @@ class _Recorder:
             self.last_lazy[name] = (lazy, grown)
             weights: Tensor | LazyWeights = lazy
             # only max_bytes reads it: summing the spans was half a lazy record's time
-            estimate = 0 if self.max_bytes is None else weights.nbytes - freed
+            estimate = 0 if self.max_bytes is None else lazy.nbytes - freed
         else:
             estimate = batch * heads * queries * keys * (self.dtype or call.dtype).itemsize
         if self.max_bytes is not None and self.bytes + estimate > self.max_bytes:

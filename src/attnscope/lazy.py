@@ -135,13 +135,14 @@ class LazyWeights:
             for i, (old, new) in enumerate(zip(ours, theirs, strict=True)):
                 if old is None or new is None or _version(old) != self._versions[i]:
                     continue
-                if _prefix_of(new, old) is None:
+                if not _extends(new, old):
                     continue
                 # earlier calls read this call's tensor through grown[i], where they do
                 cache = grown[i] if i < len(grown) else None
                 if cache is None:
                     cache = Grown(new)
-                cache.tensor, cache.version = new, _version(new)
+                else:
+                    cache.tensor, cache.version = new, _version(new)
                 if self._links is None:
                     self._links = [None] * len(ours)
                 self._links[i] = (cache, old.size(-2))
@@ -229,30 +230,26 @@ def _version(t: Tensor) -> int | None:
     return None if t.is_inference() else t._version
 
 
-def _prefix_of(longer: Tensor, shorter: Tensor) -> Tensor | None:
-    """The first positions of ``longer`` (along dim -2, where a KV cache grows), where
-    ``longer`` has more and they equal ``shorter`` (``torch.equal``, to which 0.0 and -0.0 are
-    equal: the weights are the same either way); else None.
+def _extends(longer: Tensor, shorter: Tensor) -> bool:
+    """Whether ``longer`` has more positions than ``shorter`` along dim -2 (where a KV cache
+    grows) and its first ones equal it (``torch.equal``, to which 0.0 and -0.0 are equal: the
+    weights are the same either way).
 
     >>> cache = torch.arange(6.0).reshape(1, 3, 2)
-    >>> _prefix_of(cache, cache[:, :2].clone())
-    tensor([[[0., 1.],
-             [2., 3.]]])
-    >>> _prefix_of(cache, torch.zeros(1, 2, 2)) is None
-    True
+    >>> _extends(cache, cache[:, :2].clone()), _extends(cache, torch.zeros(1, 2, 2))
+    (True, False)
     """
     if (
         longer.dim() != shorter.dim()
         or longer.dim() < 2
-        or longer.size(-2) <= shorter.size(-2)  # first: a query, or keys that did not grow
+        or longer.size(-2) <= shorter.size(-2)  # a step's query, or keys that did not grow
         or longer.shape[:-2] != shorter.shape[:-2]
         or longer.size(-1) != shorter.size(-1)
         or longer.dtype != shorter.dtype
         or longer.device != shorter.device
     ):
-        return None
-    prefix = longer.narrow(-2, 0, shorter.size(-2))
-    return prefix if torch.equal(prefix, shorter) else None
+        return False
+    return torch.equal(longer.narrow(-2, 0, shorter.size(-2)), shorter)
 
 
 def _ranges(t: Tensor) -> set[tuple[int, int, int]]:
