@@ -154,14 +154,14 @@ def test_lazy_generate_equals_eager_and_holds_less_than_the_maps() -> None:
     with torch.no_grad(), attnscope.capture(model) as full:
         model.generate(ids, **options)
     assert lazy.nbytes < full.nbytes
+    # the reference: eager attention over the tokens the generation fed in, in one forward
+    # (not eager's own generation, whose tokens could part from sdpa's at a near tie)
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        eager = model.generate(ids, **options, output_attentions=True, return_dict_in_generate=True)
-    assert torch.equal(eager.sequences, out)
-    for step, layers in enumerate(eager.attentions):
-        for layer, expected in enumerate(layers):
-            got = lazy.calls(f"transformer.h.{layer}.attn")[step]
-            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+        eager = model(out[:, :-1], output_attentions=True).attentions
+    for layer, expected in enumerate(eager):
+        got = lazy.concat(f"transformer.h.{layer}.attn")
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 class TimmStyleAttention(torch.nn.Module):
